@@ -1,0 +1,3 @@
+"""Realplexor: a Comet (server push) server, compatible with Dklab Realplexor."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,59 @@
+"""IN-line authentication against an htpasswd users file.
+
+The file holds ``login:hash`` lines in any format Apache's ``htpasswd``
+writes (bcrypt, apr1 MD5, SHA1, crypt), checked by passlib. A line ``:``
+(empty login and password) lets clients without credentials in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from passlib.apache import HtpasswdFile
+
+from .protocol import ProtocolError
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who sent an IN-line request: a login, or None for a guest."""
+
+    login: str | None = None
+
+    @property
+    def prefix(self) -> str | None:
+        """The id prefix a logged-in client is confined to (``LOGIN_``)."""
+        return None if self.login is None else self.login + "_"
+
+    def may_touch(self, channel_id: str) -> bool:
+        """Whether this client may publish to or see ``channel_id``."""
+        return self.login is None or channel_id.startswith(self.prefix)
+
+
+class Users:
+    """The users of one htpasswd file, read once."""
+
+    def __init__(self, text: str):
+        lines = text.splitlines()
+        self.anonymous = any(line.strip() == ":" for line in lines)
+        entries = "\n".join(line for line in lines if line.strip() and line.strip() != ":"
+                            and not line.lstrip().startswith("#"))
+        self._file = HtpasswdFile.from_string(entries + "\n") if entries else None
+
+    @classmethod
+    def load(cls, path: str) -> "Users":
+        """Read the users file at ``path``; OSError if it cannot be read."""
+        with open(path, encoding="utf-8") as fh:
+            return cls(fh.read())
+
+    def authenticate(self, login: str | None, password: str | None) -> Principal:
+        """The principal for these credentials, or ProtocolError 403 with the reason."""
+        if login is None:
+            if not self.anonymous:
+                raise ProtocolError(403, "access denied for guest user")
+            return Principal()
+        found = self._file.check_password(login, password or "") if self._file else None
+        if found is None:
+            raise ProtocolError(403, f"unknown login: {login}")
+        if not found:
+            raise ProtocolError(403, f"invalid password for login: {login}")
+        return Principal(login)

@@ -1,0 +1,370 @@
+"""Channel state: message queues, listeners, online tracking, event log.
+
+The servers use the state only through :class:`ChannelState`; the
+in-memory :class:`MemoryChannels` is the one implementation today, and a
+shared store (several processes or hosts) must fit the same interface
+and pass the same tests (``tests/test_channels.py`` runs against any
+implementation given to its fixture).
+
+No sockets and no gevent here: time comes from injected clocks, and the
+server calls :meth:`ChannelState.expire` periodically.
+"""
+from __future__ import annotations
+
+import abc
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Callable, Iterable, Protocol, Sequence
+
+from .cursors import CursorClock
+from .protocol import render_wait_body
+
+
+class Listener(Protocol):
+    """A waiting WAIT request, as the channel state sees it.
+
+    ``cursors`` maps each listened channel id to the cursor it listens
+    from; the state fills in None cursors with "now" on registration.
+    ``deliver`` is called exactly once, after the listener has been
+    removed from all of its channels, with the rendered body; it must not
+    block (it wakes a greenlet or writes to a non-blocking socket).
+    """
+
+    cursors: dict[str, Decimal]
+
+    def deliver(self, body: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The tunables of the channel state (from the configuration)."""
+
+    max_data_for_id: int = 30
+    clean_id_after: float = 3600
+    offline_timeout: float = 30
+    event_log_len: int = 3000
+
+
+class ChannelState(abc.ABC):
+    """What the WAIT and IN lines need of the channel state."""
+
+    @abc.abstractmethod
+    def listen(self, listener: Listener) -> bytes | None:
+        """Register ``listener`` on its channels, or answer it at once.
+
+        If a visible message newer than a listened cursor is queued, return
+        the rendered body and leave the listener unregistered. Otherwise
+        register it (O(1) per channel in the number of other listeners) and
+        return None; it will be told through ``listener.deliver``.
+        """
+
+    @abc.abstractmethod
+    def unlisten(self, listener: Listener) -> None:
+        """Remove ``listener`` from its channels (idempotent, O(1) per channel)."""
+
+    @abc.abstractmethod
+    def publish(self, targets: Sequence[tuple[str, Decimal | None, str | None]],
+                data: bytes, limiters: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+        """Queue ``data`` on each target channel and wake its listeners.
+
+        ``targets`` are ``(id, cursor, cursor text)``; a None cursor takes
+        one fresh server cursor shared by the whole publish. Queueing and
+        waking are atomic per channel: a listener either gets this message
+        now or finds it queued when it registers. Returns the ids with the
+        cursors used.
+        """
+
+    @abc.abstractmethod
+    def online(self, prefixes: Sequence[str] = ()) -> list[tuple[str, int]]:
+        """Online channels (optionally with an id prefix) and their listener counts, by id."""
+
+    @abc.abstractmethod
+    def watch(self, after: int, prefixes: Sequence[str] = ()) -> list[tuple[str, int, str]]:
+        """Online/offline transitions after position ``after``, oldest first.
+
+        Each id appears once, with its latest transition: ``(event, pos, id)``.
+        """
+
+    @abc.abstractmethod
+    def position(self) -> int:
+        """The position of the newest online/offline transition."""
+
+    @abc.abstractmethod
+    def expire(self) -> None:
+        """Run due timeouts: offline countdowns and cleaning of idle queues."""
+
+    @abc.abstractmethod
+    def reconfigure(self, settings: Settings) -> None:
+        """Take on new tunables; queued messages and listeners stay."""
+
+    @abc.abstractmethod
+    def stats(self) -> str:
+        """A human-readable dump of the state, for debugging."""
+
+    @abc.abstractmethod
+    def listener_count(self) -> int:
+        """How many listeners are registered now."""
+
+
+class _Message:
+    """One publish; shared by every channel queue it went to."""
+
+    __slots__ = ("data", "limiters")
+
+    def __init__(self, data: bytes, limiters: frozenset[str]):
+        self.data = data
+        self.limiters = limiters
+
+    def visible_to(self, listened: dict[str, Decimal]) -> bool:
+        return not self.limiters or any(limiter in listened for limiter in self.limiters)
+
+
+class _Channel:
+    """One channel id's queue and listeners.
+
+    queue: [(cursor, cursor text, _Message), ...] oldest first, sorted by cursor
+    listeners: {listener: None}, a dict for O(1) add/remove in arrival order
+    """
+
+    __slots__ = ("queue", "listeners", "online")
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Decimal, str, _Message]] = []
+        self.listeners: dict[Listener, None] = {}
+        self.online = False
+
+
+class MemoryChannels(ChannelState):
+    """The channel state of one process, kept in dicts."""
+
+    def __init__(self, settings: Settings = Settings(),
+                 clock: Callable[[], float] = time.monotonic,
+                 cursor_clock: CursorClock | None = None):
+        self.settings = settings
+        self._clock = clock
+        self._cursors = cursor_clock or CursorClock()
+        # { channel id: _Channel }
+        self._channels: dict[str, _Channel] = {}
+        # { channel id: time of its last publish }, oldest first
+        self._published_at: OrderedDict[str, float] = OrderedDict()
+        # { channel id: time it goes offline }, soonest first (one fixed timeout)
+        self._going_offline: OrderedDict[str, float] = OrderedDict()
+        # (pos, event, channel id), oldest first
+        self._events: deque[tuple[int, str, str]] = deque(maxlen=settings.event_log_len)
+        self._position = 0
+        self._listeners = 0
+
+    # -- listening ---------------------------------------------------------
+
+    def listen(self, listener: Listener) -> bytes | None:
+        cursors = listener.cursors
+        now = None
+        for channel_id, cursor in cursors.items():
+            if cursor is None:
+                if now is None:
+                    now = self._cursors.now()
+                cursors[channel_id] = now
+        self._clean_if_idle(cursors)
+        body = self._queued_body(cursors)
+        if body is not None:
+            return body
+        for channel_id in cursors:
+            channel = self._channels.get(channel_id)
+            if channel is None:
+                channel = self._channels[channel_id] = _Channel()
+            if not channel.listeners:
+                self._came_online(channel_id, channel)
+            channel.listeners[listener] = None
+        self._listeners += 1
+        return None
+
+    def unlisten(self, listener: Listener) -> None:
+        registered = False
+        for channel_id in listener.cursors:
+            channel = self._channels.get(channel_id)
+            if channel is not None and channel.listeners.pop(listener, 0) is None:
+                registered = True
+                if not channel.listeners:
+                    self._left(channel_id)
+        if registered:
+            self._listeners -= 1
+
+    def _came_online(self, channel_id: str, channel: _Channel) -> None:
+        if self._going_offline.pop(channel_id, None) is None and not channel.online:
+            channel.online = True
+            self._log("online", channel_id)
+
+    def _left(self, channel_id: str) -> None:
+        self._going_offline[channel_id] = self._clock() + self.settings.offline_timeout
+
+    def _queued_body(self, cursors: dict[str, Decimal]) -> bytes | None:
+        # { id(_Message): (first cursor, data, [(channel id, cursor text), ...]) }
+        parts: dict[int, tuple[Decimal, bytes, list[tuple[str, str]]]] = {}
+        for channel_id, listened_from in cursors.items():
+            channel = self._channels.get(channel_id)
+            if channel is None:
+                continue
+            for cursor, text, message in reversed(channel.queue):
+                if cursor <= listened_from:
+                    break
+                if not message.visible_to(cursors):
+                    continue
+                part = parts.get(id(message))
+                if part is None:
+                    parts[id(message)] = (cursor, message.data, [(channel_id, text)])
+                else:
+                    part[2].append((channel_id, text))
+                    if cursor < part[0]:
+                        parts[id(message)] = (cursor, part[1], part[2])
+        if not parts:
+            return None
+        ordered = sorted(parts.values(), key=lambda part: (part[0], part[1]))
+        return render_wait_body((ids, data) for _, data, ids in ordered)
+
+    # -- publishing --------------------------------------------------------
+
+    def publish(self, targets: Sequence[tuple[str, Decimal | None, str | None]],
+                data: bytes, limiters: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+        message = _Message(data, limiters)
+        fresh = None
+        placed: list[tuple[str, Decimal, str]] = []
+        now = self._clock()
+        for channel_id, cursor, text in targets:
+            if cursor is None:
+                if fresh is None:
+                    fresh = self._cursors.next()
+                cursor, text = fresh
+            channel = self._channels.get(channel_id)
+            if channel is None:
+                channel = self._channels[channel_id] = _Channel()
+            self._enqueue(channel, cursor, text, message)
+            self._published_at.pop(channel_id, None)
+            self._published_at[channel_id] = now
+            placed.append((channel_id, cursor, text))
+        self._wake(placed, message)
+        return [(channel_id, text) for channel_id, _, text in placed]
+
+    def _enqueue(self, channel: _Channel, cursor: Decimal, text: str, message: _Message) -> None:
+        queue = channel.queue
+        entry = (cursor, text, message)
+        if not queue or queue[-1][0] <= cursor:
+            queue.append(entry)
+        else:
+            index = len(queue)
+            while index and queue[index - 1][0] > cursor:
+                index -= 1
+            queue.insert(index, entry)
+        overflow = len(queue) - self.settings.max_data_for_id
+        if overflow > 0:
+            del queue[:overflow]
+
+    def _wake(self, placed: list[tuple[str, Decimal, str]], message: _Message) -> None:
+        # One body per distinct set of reached channels: the common case
+        # (one channel, no limiter) renders once for every listener.
+        bodies: dict[tuple[str, ...], bytes] = {}
+        for channel_id, cursor, _ in placed:
+            channel = self._channels[channel_id]
+            woken = [listener for listener in channel.listeners
+                     if listener.cursors[channel_id] < cursor
+                     and message.visible_to(listener.cursors)]
+            for listener in woken:
+                reached = tuple(c for c, cur, _ in placed
+                                if c in listener.cursors and listener.cursors[c] < cur)
+                body = bodies.get(reached)
+                if body is None:
+                    ids = [(c, t) for c, _, t in placed if c in reached]
+                    body = bodies[reached] = render_wait_body([(ids, message.data)])
+                self.unlisten(listener)
+                listener.deliver(body)
+
+    # -- online and events -------------------------------------------------
+
+    def online(self, prefixes: Sequence[str] = ()) -> list[tuple[str, int]]:
+        return sorted((channel_id, len(channel.listeners))
+                      for channel_id, channel in self._channels.items()
+                      if channel.online and _has_prefix(channel_id, prefixes))
+
+    def watch(self, after: int, prefixes: Sequence[str] = ()) -> list[tuple[str, int, str]]:
+        latest: dict[str, tuple[str, int]] = {}
+        for pos, event, channel_id in self._events:
+            if pos > after and _has_prefix(channel_id, prefixes):
+                latest.pop(channel_id, None)
+                latest[channel_id] = (event, pos)
+        return [(event, pos, channel_id) for channel_id, (event, pos) in latest.items()]
+
+    def position(self) -> int:
+        return self._position
+
+    def _log(self, event: str, channel_id: str) -> None:
+        self._position += 1
+        self._events.append((self._position, event, channel_id))
+
+    # -- housekeeping ------------------------------------------------------
+
+    def expire(self) -> None:
+        now = self._clock()
+        going = self._going_offline
+        while going:
+            channel_id, deadline = next(iter(going.items()))
+            if deadline > now:
+                break
+            del going[channel_id]
+            channel = self._channels.get(channel_id)
+            if channel is not None and channel.online:
+                channel.online = False
+                self._log("offline", channel_id)
+                self._forget_if_unused(channel_id, channel)
+        published = self._published_at
+        while published:
+            channel_id, at = next(iter(published.items()))
+            if at + self.settings.clean_id_after > now:
+                break
+            del published[channel_id]
+            channel = self._channels.get(channel_id)
+            if channel is not None:
+                channel.queue.clear()
+                self._forget_if_unused(channel_id, channel)
+
+    def _clean_if_idle(self, channel_ids: Iterable[str]) -> None:
+        # Expiry is swept periodically; a listener must not see a queue
+        # that is already past CLEAN_ID_AFTER just because the sweep is late.
+        deadline = self._clock() - self.settings.clean_id_after
+        for channel_id in channel_ids:
+            at = self._published_at.get(channel_id)
+            if at is not None and at <= deadline:
+                del self._published_at[channel_id]
+                self._channels[channel_id].queue.clear()
+
+    def _forget_if_unused(self, channel_id: str, channel: _Channel) -> None:
+        if not channel.queue and not channel.listeners and not channel.online:
+            del self._channels[channel_id]
+
+    def reconfigure(self, settings: Settings) -> None:
+        self.settings = settings
+        if self._events.maxlen != settings.event_log_len:
+            self._events = deque(self._events, maxlen=settings.event_log_len)
+
+    # -- introspection -----------------------------------------------------
+
+    def listener_count(self) -> int:
+        return self._listeners
+
+    def stats(self) -> str:
+        lines = [f"channels: {len(self._channels)}",
+                 f"listeners: {self._listeners}",
+                 f"online: {sum(1 for c in self._channels.values() if c.online)}",
+                 f"going offline: {len(self._going_offline)}",
+                 f"event position: {self._position}", ""]
+        for channel_id in sorted(self._channels):
+            channel = self._channels[channel_id]
+            newest = channel.queue[-1][1] if channel.queue else "-"
+            lines.append(f"[{channel_id}] online={'yes' if channel.online else 'no'} "
+                         f"listeners={len(channel.listeners)} queued={len(channel.queue)} "
+                         f"newest={newest}")
+        return "\n".join(lines) + "\n"
+
+
+def _has_prefix(channel_id: str, prefixes: Sequence[str]) -> bool:
+    return not prefixes or channel_id.startswith(tuple(prefixes))

@@ -1,0 +1,181 @@
+"""Configuration: read once from a TOML file, validated, then passed in.
+
+Keys are the option names of the Realplexor protocol (``WAIT_ADDR``,
+``WAIT_TIMEOUT``, ...), case-insensitive. Every option has a default, so
+the server runs with no file at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the key."""
+
+
+def _static(name: str) -> str:
+    return str(resources.files("realplexor.static").joinpath(name))
+
+
+def _packaged(name: str) -> str:
+    return str(resources.files("realplexor").joinpath(name))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every tunable of the server, with the documented defaults."""
+
+    WAIT_ADDR: tuple[str, ...] = ("127.0.0.1:8088",)
+    WAIT_TIMEOUT: float = 300
+    WAIT_MAXLEN: int = 5120
+    IN_ADDR: tuple[str, ...] = ("127.0.0.1:10010",)
+    IN_TIMEOUT: float = 20
+    IN_MAXLEN: int = 204800
+    EVENT_CHAIN_LEN: int = 1000
+    OFFLINE_TIMEOUT: float = 30
+    MAX_DATA_FOR_ID: int = 30
+    CLEAN_ID_AFTER: float = 3600
+    CHARSET: str = "utf-8"
+    USERS_FILE: str = field(default_factory=lambda: _packaged("default_users.htpasswd"))
+    IFRAME_FILE: str = field(default_factory=lambda: _static("dklab_realplexor.html"))
+    IFRAME_ID: str = "IFRAME"
+    SCRIPT_FILE: str = field(default_factory=lambda: _static("dklab_realplexor.js"))
+    SCRIPT_ID: str = "SCRIPT"
+    IDENTIFIER: str = "identifier"
+    JS_MAX_BOUNCES: int = 10
+    JS_WAIT_RECONNECT_DELAY: float = 0.01
+    JS_WAIT_URI: str = "/"
+    JS_DEBUG: bool = False
+    VERBOSITY: int = 1
+    MAX_MEM_MB: int = 0
+    SU_USER: str = ""
+    CORS_ORIGINS: tuple[str, ...] = ("*",)
+
+    def substitutions(self) -> dict[str, str]:
+        """Values for ``$NAME`` placeholders in the IFRAME and SCRIPT pages."""
+        return {f.name: _as_text(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def changed_from(self, other: "Config") -> list[str]:
+        """Names of the options whose values differ from ``other``."""
+        return [f.name for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
+
+
+# Options a running server cannot take on without re-binding or re-exec.
+RESTART_ONLY = frozenset({"WAIT_ADDR", "IN_ADDR", "SU_USER"})
+
+_NUMBER_MINIMUMS = {
+    "WAIT_TIMEOUT": 0.001, "WAIT_MAXLEN": 16, "IN_TIMEOUT": 0.001,
+    "IN_MAXLEN": 16, "EVENT_CHAIN_LEN": 1, "OFFLINE_TIMEOUT": 0,
+    "MAX_DATA_FOR_ID": 1, "CLEAN_ID_AFTER": 0.001, "JS_MAX_BOUNCES": 0,
+    "JS_WAIT_RECONNECT_DELAY": 0, "MAX_MEM_MB": 0, "VERBOSITY": 0,
+}
+_WORD_OPTIONS = ("IFRAME_ID", "SCRIPT_ID", "IDENTIFIER")
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def load_config(path: str | None = None) -> Config:
+    """Read and validate the configuration at ``path`` (defaults when None)."""
+    if path is None:
+        return validate({})
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    config = validate(raw)
+    return _resolve_paths(config, Path(path).resolve().parent)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Turn a mapping of option names to values into a checked Config."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.upper()
+        if name not in fields:
+            raise ConfigError(f"unknown option {key!r}")
+        values[name] = _convert(name, fields[name].type, value)
+    config = Config(**values)
+    _check_ranges(config)
+    return config
+
+
+def _convert(name: str, kind: str, value: Any) -> Any:
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"option {name} must be true or false, not {value!r}")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"option {name} must be a whole number, not {value!r}")
+    if kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"option {name} must be a number, not {value!r}")
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"option {name} must be a string, not {value!r}")
+    # Lists: a TOML array of strings, or one comma-separated string.
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"option {name} must be a non-empty list of strings, not {value!r}")
+
+
+def _check_ranges(config: Config) -> None:
+    for name, minimum in _NUMBER_MINIMUMS.items():
+        if getattr(config, name) < minimum:
+            raise ConfigError(f"option {name} must be at least {minimum}, not {getattr(config, name)!r}")
+    if config.VERBOSITY > 3:
+        raise ConfigError(f"option VERBOSITY must be 0..3, not {config.VERBOSITY!r}")
+    for name in ("WAIT_ADDR", "IN_ADDR"):
+        for addr in getattr(config, name):
+            parse_address(addr, name)
+    for name in _WORD_OPTIONS:
+        value = getattr(config, name)
+        if not value or not all(c.isalnum() or c == "_" for c in value):
+            raise ConfigError(f"option {name} must be a word of letters, digits and _, not {value!r}")
+    try:
+        "".encode(config.CHARSET)
+    except LookupError:
+        raise ConfigError(f"option CHARSET names an unknown charset {config.CHARSET!r}") from None
+
+
+def parse_address(addr: str, option: str = "address") -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` too) into a bindable pair."""
+    host, sep, port = addr.rpartition(":")
+    # Port 0 asks the system for a free port; the server logs the one it got.
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"option {option}: {addr!r} is not host:port with a port 0..65535")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    """Make file options relative to the config file's own folder."""
+    changes = {}
+    for name in ("USERS_FILE", "IFRAME_FILE", "SCRIPT_FILE"):
+        value = getattr(config, name)
+        if value and not Path(value).is_absolute():
+            changes[name] = str(base / value)
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,254 @@
+"""The Realplexor wire protocol, without I/O.
+
+Bytes of a WAIT or IN request go in, small frozen dataclasses come out;
+parts and replies go in, bytes come out. Nothing here touches a socket,
+so every case is testable with plain byte strings.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Iterable, Sequence
+from urllib.parse import unquote
+
+import simplejson
+
+from .cursors import parse_cursor
+
+COMMANDS = ("ONLINE", "WATCH", "STATS")
+
+_ITEM_RE = re.compile(r"(\*)?(?:(\d+(?:\.\d+)?):)?([A-Za-z0-9_]+)\Z")
+_LOGIN_RE = re.compile(r"[A-Za-z0-9]+\Z")
+_HTTP_LINE_RE = re.compile(rb"[A-Za-z]+ \S+ HTTP/\d+\.\d+\r?\Z")
+_HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
+_CONTENT_LENGTH_RE = re.compile(rb"^content-length:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.I | re.M)
+_COMMAND_LINE_RE = re.compile(
+    rb"[ \t]*(online|watch|stats)(?:[ \t]+([^\r\n]*?))?[ \t]*(?:\r?\n|\Z)", re.I)
+_marker_patterns: dict[str, re.Pattern[str]] = {}
+
+
+class ProtocolError(Exception):
+    """A request that cannot be served: an HTTP status and a one-line reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Item:
+    """One ``[*][CURSOR:]ID`` entry of an identifier string."""
+
+    id: str
+    cursor: Decimal | None = None
+    cursor_text: str | None = None
+    limiter: bool = False
+
+
+@dataclass(frozen=True)
+class Identifier:
+    """A parsed identifier string: optional credentials and its items."""
+
+    items: tuple[Item, ...] = ()
+    login: str | None = None
+    password: str | None = None
+
+    @property
+    def targets(self) -> tuple[Item, ...]:
+        """Items naming channels to publish to (not limiters)."""
+        return tuple(item for item in self.items if not item.limiter)
+
+    @property
+    def limiters(self) -> frozenset[str]:
+        """Ids that a message is limited to (``*ID`` items)."""
+        return frozenset(item.id for item in self.items if item.limiter)
+
+    def listened(self) -> dict[str, Decimal | None]:
+        """Channels a WAIT request listens to, with their cursors.
+
+        On the WAIT line a ``*ID`` is just another listened channel.
+        """
+        return {item.id: item.cursor for item in self.items}
+
+
+@dataclass(frozen=True)
+class WaitRequest:
+    """What a browser asked the WAIT line for."""
+
+    page: str | None = None          # "IFRAME" or "SCRIPT" for the static pages
+    identifier: Identifier | None = None
+
+
+@dataclass(frozen=True)
+class InRequest:
+    """A complete IN-line request: a command or a publish."""
+
+    identifier: Identifier
+    command: str | None = None       # ONLINE, WATCH or STATS; None for a publish
+    args: tuple[str, ...] = ()
+    data: bytes = b""
+
+
+def _marker_re(marker: str) -> re.Pattern[str]:
+    pattern = _marker_patterns.get(marker)
+    if pattern is None:
+        pattern = re.compile(r"(?<![A-Za-z0-9_])" + re.escape(marker) + r"=([^\s&;\"'<>]*)")
+        _marker_patterns[marker] = pattern
+    return pattern
+
+
+def find_identifier(text: str, marker: str = "identifier") -> str | None:
+    """The value after the first ``MARKER=`` in ``text``, or None."""
+    match = _marker_re(marker).search(text)
+    return match.group(1) if match else None
+
+
+def parse_identifier(value: str) -> Identifier:
+    """Parse ``[LOGIN:PASSWORD@]item,item,...``; items that do not match are dropped."""
+    login = password = None
+    credentials, at, rest = value.rpartition("@")
+    if at:
+        value = rest
+        login, colon, password = credentials.partition(":")
+        if not colon or not _LOGIN_RE.match(login):
+            raise ProtocolError(400, f"malformed credentials {credentials.split(':')[0]!r}: expected LOGIN:PASSWORD@ with an alphanumeric login")
+    items = []
+    for text in value.split(","):
+        match = _ITEM_RE.match(text)
+        if match is None:
+            continue
+        star, cursor_text, channel = match.groups()
+        cursor = parse_cursor(cursor_text) if cursor_text else None
+        items.append(Item(channel, cursor, cursor_text, bool(star)))
+    return Identifier(tuple(items), login, password)
+
+
+def parse_wait_request(target: str, body: str, marker: str,
+                       iframe_id: str, script_id: str) -> WaitRequest:
+    """Find and parse the identifier of a WAIT request.
+
+    ``target`` is the raw request target (path and query), ``body`` the
+    request body; headers are never searched, so a Referer that carries
+    another page's identifier cannot leak in.
+    """
+    value = find_identifier(unquote(target), marker)
+    if value is None and body:
+        value = find_identifier(unquote(body), marker)
+    if value is None:
+        raise ProtocolError(400, f"no {marker}= in the request")
+    if value == iframe_id:
+        return WaitRequest(page="IFRAME")
+    if value == script_id:
+        return WaitRequest(page="SCRIPT")
+    identifier = parse_identifier(value)
+    if not identifier.items:
+        raise ProtocolError(400, "empty identifier list: name at least one channel id ([A-Za-z0-9_]+)")
+    return WaitRequest(identifier=identifier)
+
+
+def parse_in_request(buf: bytes, eof: bool, marker: str = "identifier") -> InRequest | None:
+    """Parse the bytes of an IN-line request received so far.
+
+    Returns None while more bytes are needed; ``eof`` says the client has
+    closed its writing side, so nothing more will come. Raises
+    ProtocolError for a request that can never be served.
+    """
+    first_line = buf.split(b"\n", 1)[0]
+    if not _HTTP_LINE_RE.match(first_line):
+        command = _COMMAND_LINE_RE.match(buf)
+        if command is not None:
+            head_end = _HEAD_END_RE.search(buf)
+            if head_end is None and not eof:
+                return None
+            head = buf[:head_end.start()] if head_end else buf
+            return _command(_head_identifier(head, marker), command)
+    head_end = _HEAD_END_RE.search(buf)
+    if head_end is None:
+        if not eof:
+            return None
+        head, body = buf, b""
+    else:
+        head, body = buf[:head_end.start()], buf[head_end.end():]
+    body = _complete_body(head, body, eof)
+    if body is None:
+        return None
+    identifier = _head_identifier(head, marker)
+    command = _COMMAND_LINE_RE.fullmatch(body.strip() + b"\n") if body.strip() else None
+    if command is not None:
+        return _command(identifier, command)
+    return InRequest(identifier, data=_checked_data(body))
+
+
+def _head_identifier(head: bytes, marker: str) -> Identifier:
+    value = find_identifier(head.decode("latin-1"), marker)
+    return parse_identifier(value) if value is not None else Identifier()
+
+
+def _command(identifier: Identifier, match: re.Match[bytes]) -> InRequest:
+    args = tuple(a.decode("latin-1") for a in (match.group(2) or b"").split())
+    return InRequest(identifier, match.group(1).decode().upper(), args)
+
+
+def _complete_body(head: bytes, body: bytes, eof: bool) -> bytes | None:
+    match = _CONTENT_LENGTH_RE.search(head)
+    if match is None:
+        return body if eof else None
+    if not match.group(1).isdigit():
+        raise ProtocolError(400, f"invalid Content-Length {match.group(1).decode('latin-1')!r}")
+    length = int(match.group(1))
+    if len(body) >= length:
+        return body[:length]
+    if eof:
+        raise ProtocolError(400, f"request ended after {len(body)} of {length} body bytes; nothing published")
+    return None
+
+
+def _checked_data(body: bytes) -> bytes:
+    data = body.strip()
+    if not data:
+        raise ProtocolError(400, "no data to publish and no command (ONLINE, WATCH, STATS)")
+    try:
+        simplejson.loads(bytes(data).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProtocolError(400, "data is not valid UTF-8; nothing published") from None
+    except simplejson.JSONDecodeError as exc:
+        raise ProtocolError(400, f"data is not valid JSON ({exc}); nothing published") from None
+    return bytes(data)
+
+
+def render_wait_body(parts: Iterable[tuple[Sequence[tuple[str, str]], bytes]]) -> bytes:
+    """Render WAIT-line parts ``(ids with cursors, JSON data)`` as the JSON body."""
+    rendered = []
+    for ids, data in parts:
+        pairs = ",".join(f'"{channel}":"{cursor}"' for channel, cursor in ids)
+        rendered.append(b'{"ids":{' + pairs.encode() + b'},"data":' + data + b"}")
+    return b"[" + b",".join(rendered) + b"]"
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+            408: "Request Timeout", 413: "Payload Too Large",
+            500: "Internal Server Error"}
+
+
+def render_in_reply(status: int, body: str = "") -> bytes:
+    """An IN-line reply: ``HTTP/1.0``, plain text, correct Content-Length."""
+    payload = body.encode("utf-8")
+    return (f"HTTP/1.0 {status} {_REASONS.get(status, 'Error')}\r\n"
+            f"Content-Type: text/plain\r\nContent-Length: {len(payload)}\r\n\r\n").encode() + payload
+
+
+def render_error(error: ProtocolError) -> bytes:
+    """An IN-line error reply carrying the one-line reason."""
+    return render_in_reply(error.status, error.reason + "\n")
+
+
+def render_online(counts: Iterable[tuple[str, int]]) -> str:
+    """ONLINE's body: ``ID COUNT`` per line."""
+    return "".join(f"{channel} {count}\n" for channel, count in counts)
+
+
+def render_watch(events: Iterable[tuple[str, int, str]]) -> str:
+    """WATCH's body: ``EVENT POS:ID`` per line."""
+    return "".join(f"{event} {pos}:{channel}\n" for event, pos, channel in events)

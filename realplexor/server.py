@@ -1,0 +1,122 @@
+"""The Realplexor server: the WAIT and IN lines over one channel state."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import gevent
+from gevent.pywsgi import WSGIServer
+from gevent.server import StreamServer
+
+from .auth import Users
+from .channels import ChannelState, MemoryChannels, Settings
+from .config import RESTART_ONLY, Config, ConfigError, parse_address
+from .inline import InLine
+from .pages import load_pages
+from .wait import LongPollHandler, WaitApp
+
+log = logging.getLogger("realplexor")
+
+HOUSEKEEPING_INTERVAL = 0.2
+LISTEN_BACKLOG = 4096
+
+
+class StartError(Exception):
+    """The server cannot start: a port in use, an unreadable file..."""
+
+
+def channel_settings(config: Config) -> Settings:
+    """The channel state's tunables from the configuration."""
+    return Settings(max_data_for_id=config.MAX_DATA_FOR_ID,
+                    clean_id_after=config.CLEAN_ID_AFTER,
+                    offline_timeout=config.OFFLINE_TIMEOUT,
+                    # The old server kept three chains of EVENT_CHAIN_LEN events.
+                    event_log_len=3 * config.EVENT_CHAIN_LEN)
+
+
+def load_users(config: Config) -> Users:
+    """Read USERS_FILE, as a StartError when it cannot be read."""
+    try:
+        return Users.load(config.USERS_FILE)
+    except (OSError, ValueError) as exc:
+        raise StartError(f"cannot read USERS_FILE {config.USERS_FILE}: {exc}") from None
+
+
+def _load_pages(config: Config):
+    try:
+        return load_pages(config)
+    except OSError as exc:
+        raise StartError(f"cannot read page file {exc.filename}: {exc.strerror}") from None
+
+
+class Realplexor:
+    """Both lines and the channel state they share, started and stopped together."""
+
+    def __init__(self, config: Config, state: ChannelState | None = None):
+        self.config = config
+        self.state = state if state is not None else MemoryChannels(channel_settings(config))
+        self.wait_app = WaitApp(config, self.state, _load_pages(config))
+        self.in_line = InLine(config, self.state, load_users(config))
+        self.wait_servers: list[WSGIServer] = []
+        self.in_servers: list[StreamServer] = []
+        self._housekeeper: gevent.Greenlet | None = None
+
+    def start(self, wait_line: bool = True) -> None:
+        """Bind every WAIT_ADDR (unless ``wait_line`` is False) and IN_ADDR, and serve."""
+        try:
+            if wait_line:
+                for addr in self.config.WAIT_ADDR:
+                    self.wait_servers.append(self._bind("WAIT_ADDR", addr, lambda listener: WSGIServer(
+                        listener, self.wait_app, handler_class=LongPollHandler,
+                        log=None, error_log=logging.getLogger("realplexor.wsgi"),
+                        backlog=LISTEN_BACKLOG)))
+            for addr in self.config.IN_ADDR:
+                self.in_servers.append(self._bind("IN_ADDR", addr, lambda listener: StreamServer(
+                    listener, self.in_line.handle, backlog=LISTEN_BACKLOG)))
+        except StartError:
+            self.stop()
+            raise
+        self._housekeeper = gevent.spawn(self._housekeep)
+
+    def _bind(self, option: str, addr: str, make) -> StreamServer:
+        try:
+            server = make(parse_address(addr, option))
+            server.start()
+        except ConfigError as exc:
+            raise StartError(str(exc)) from None
+        except OSError as exc:
+            raise StartError(f"cannot listen on {option} {addr}: {exc.strerror or exc}") from None
+        line = "WAIT" if option == "WAIT_ADDR" else "IN"
+        log.info("%s line listening on %s:%d", line, *server.address[:2])
+        return server
+
+    def _housekeep(self) -> None:
+        while True:
+            gevent.sleep(HOUSEKEEPING_INTERVAL)
+            try:
+                self.state.expire()
+            except Exception:  # noqa: BLE001 - housekeeping must outlive a bug
+                log.exception("housekeeping failed")
+
+    def reload(self, config: Config) -> list[str]:
+        """Take on ``config`` where possible; the options that need a restart."""
+        pages = _load_pages(config)
+        users = load_users(config)
+        pending = [name for name in config.changed_from(self.config) if name in RESTART_ONLY]
+        # Keep the running values of what cannot change now, so a later
+        # reload still reports them as pending.
+        config = dataclasses.replace(config, **{name: getattr(self.config, name) for name in pending})
+        self.state.reconfigure(channel_settings(config))
+        self.wait_app.reconfigure(config, pages)
+        self.in_line.reconfigure(config, users)
+        self.config = config
+        return pending
+
+    def stop(self, timeout: float = 1) -> None:
+        """Close the listening sockets and end open connections."""
+        if self._housekeeper is not None:
+            self._housekeeper.kill(block=False)
+            self._housekeeper = None
+        for server in self.wait_servers + self.in_servers:
+            server.stop(timeout=timeout)
+        self.wait_servers, self.in_servers = [], []

@@ -1,0 +1,294 @@
+"""Shared fixtures: real servers on free ports, and wire-level clients.
+
+Every socket read here has a timeout, so a broken server fails a test
+instead of hanging the suite.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 10
+_LISTENING_RE = re.compile(r"(WAIT|IN) line listening on ([\d.]+):(\d+)")
+
+
+def toml_value(value) -> str:
+    """A Python value as TOML (enough for Realplexor's options)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, **options) -> Path:
+    """Write a TOML config with free ports unless the options name them."""
+    options.setdefault("WAIT_ADDR", ["127.0.0.1:0"])
+    options.setdefault("IN_ADDR", ["127.0.0.1:0"])
+    options.setdefault("VERBOSITY", 1)
+    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in options.items()))
+    return path
+
+
+class OutputReader:
+    """Collects a process's output lines on a thread, for waiting on them."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for raw in stream:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = TIMEOUT) -> re.Match:
+        """The first new line matching ``pattern``; fails after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines))
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"process ended before {pattern!r}; output:\n" + "\n".join(self.lines))
+            match = regex.search(line)
+            if match:
+                return match
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@dataclass
+class Response:
+    """An HTTP response as read off the wire."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    raw: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8")
+
+
+def parse_response(raw: bytes) -> Response:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1]) if lines and lines[0].startswith("HTTP/") else 0
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return Response(status, headers, body, raw)
+
+
+def read_to_eof(sock: socket.socket, timeout: float = TIMEOUT) -> bytes:
+    """Everything the peer sends until it closes; fails after ``timeout``."""
+    sock.settimeout(timeout)
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+class LongPoll:
+    """A browser-like WAIT request on a real socket."""
+
+    def __init__(self, port: int, request: bytes):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.sock.sendall(request)
+        self._buf = b""
+
+    def headers_arrived(self, timeout: float = TIMEOUT) -> bytes:
+        """Read until the header block and the first body bytes are in."""
+        self.sock.settimeout(timeout)
+        while b"\r\n\r\n" not in self._buf or len(self._buf.partition(b"\r\n\r\n")[2]) < 3:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            self._buf += chunk
+        return self._buf
+
+    def response(self, timeout: float = TIMEOUT) -> Response:
+        """The whole response, read to end of file."""
+        return parse_response(self._buf + read_to_eof(self.sock, timeout))
+
+    def has_ended(self, wait: float = 0.3) -> bool:
+        """Whether the server sent more than the headers and closed within ``wait``."""
+        self.sock.settimeout(wait)
+        try:
+            chunk = self.sock.recv(65536)
+        except socket.timeout:
+            return False
+        self._buf += chunk
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class RunningServer:
+    """A realplexor process on free ports, with wire-level helpers."""
+
+    process: subprocess.Popen
+    output: OutputReader
+    wait_port: int
+    in_port: int
+    config_path: Path
+    polls: list[LongPoll] = field(default_factory=list)
+
+    def in_raw(self, data: bytes, half_close: bool = True, timeout: float = TIMEOUT) -> bytes:
+        """Send raw bytes to the IN line and read the reply to end of file."""
+        with socket.create_connection(("127.0.0.1", self.in_port), timeout=timeout) as sock:
+            sock.sendall(data)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+            return read_to_eof(sock, timeout)
+
+    def in_http(self, identifier: str, body: bytes | str, half_close: bool = True) -> Response:
+        """An IN request as the PHP client sends it."""
+        if isinstance(body, str):
+            body = body.encode()
+        request = (f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+                   f"X-Realplexor: identifier={identifier}\r\n\r\n").encode() + body
+        return parse_response(self.in_raw(request, half_close))
+
+    def publish(self, identifier: str, data: str) -> Response:
+        """Publish JSON text ``data``; asserts it was accepted."""
+        response = self.in_http(identifier, data)
+        assert response.status == 200, response.raw
+        return response
+
+    def command(self, line: str, identifier: str = "") -> Response:
+        """Run an IN-line command as the PHP client does (command as body)."""
+        return self.in_http(identifier, line + "\n")
+
+    def online(self, prefix: str = "") -> dict[str, int]:
+        """ONLINE as a dict of id to listener count."""
+        body = self.command(f"ONLINE {prefix}".strip()).text
+        return {line.split()[0]: int(line.split()[1]) for line in body.splitlines()}
+
+    def poll(self, query: str, method: str = "GET", headers: str = "", body: bytes = b"",
+             version: str = "HTTP/1.1") -> LongPoll:
+        """Open a WAIT request (``query`` after ``/?``)."""
+        extra = f"Content-Length: {len(body)}\r\n" if method == "POST" else ""
+        request = (f"{method} /?{query} {version}\r\nHost: 127.0.0.1:{self.wait_port}\r\n"
+                   f"{headers}{extra}\r\n").encode() + body
+        poll = LongPoll(self.wait_port, request)
+        self.polls.append(poll)
+        return poll
+
+    def listen(self, identifier: str, **kwargs) -> LongPoll:
+        """Open a long poll for ``identifier`` and wait until the server parked it."""
+        poll = self.poll(f"identifier={identifier}&ncrnd=1", **kwargs)
+        poll.headers_arrived()
+        return poll
+
+    def get(self, query: str, headers: str = "", method: str = "GET") -> Response:
+        """A WAIT request expected to be answered at once."""
+        return self.poll(query, method=method, headers=headers).response()
+
+    def wait_until(self, predicate, timeout: float = TIMEOUT, interval: float = 0.05):
+        """Poll ``predicate`` until it returns a true value; fail after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
+            time.sleep(interval)
+
+    def stop(self) -> int:
+        """SIGTERM the server and return its exit status."""
+        for poll in self.polls:
+            poll.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(TIMEOUT)
+        return self.process.returncode
+
+
+def spawn(args: list[str], env: dict | None = None, cwd: Path = ROOT) -> tuple[subprocess.Popen, OutputReader]:
+    """Start a process with its stderr and stdout merged and read on a thread."""
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               cwd=cwd, env={**os.environ, **(env or {})})
+    return process, OutputReader(process.stdout)
+
+
+def start_server(config_path: Path) -> RunningServer:
+    """Run ``python -m realplexor --config`` and wait until both lines listen."""
+    process, output = spawn([sys.executable, "-m", "realplexor", "--config", str(config_path)])
+    ports = {}
+    try:
+        while len(ports) < 2:
+            match = output.wait_for(_LISTENING_RE.pattern)
+            ports[match.group(1)] = int(match.group(3))
+    except AssertionError:
+        process.kill()
+        raise
+    return RunningServer(process, output, ports["WAIT"], ports["IN"], config_path)
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """Start servers with given options; all are stopped after the test."""
+    started: list[RunningServer] = []
+
+    def factory(**options) -> RunningServer:
+        path = write_config(tmp_path / f"realplexor{len(started)}.toml", **options)
+        server = start_server(path)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server with default options (short timeouts) shared by a test module."""
+    path = write_config(tmp_path_factory.mktemp("rpl") / "realplexor.toml",
+                        OFFLINE_TIMEOUT=1, WAIT_TIMEOUT=30)
+    running = start_server(path)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def cid():
+    """A channel id prefix unique to the test, so tests sharing a server stay apart."""
+    return "t" + uuid.uuid4().hex[:10] + "_"

@@ -1,0 +1,323 @@
+"""The WAIT line over real sockets: every rule of the protocol's WAIT section."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from conftest import parse_response, read_to_eof
+
+
+def parts(response):
+    """The JSON parts of a WAIT response body (after the leading space)."""
+    assert response.status == 200, response.raw
+    assert response.body.startswith(b" \r\n"), response.body[:20]
+    return json.loads(response.body[3:])
+
+
+def test_headers_and_first_space_arrive_at_once(server, cid):
+    poll = server.listen(f"{cid}a")
+    head, _, first = poll.headers_arrived().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    headers = head.decode().lower()
+    assert "content-type: text/javascript; charset=utf-8" in headers
+    assert "cache-control: no-store, no-cache, must-revalidate" in headers
+    assert "expires: mon, 26 jul 1997" in headers
+    assert "transfer-encoding" not in headers
+    assert first == b" \r\n"
+    assert not poll.has_ended(0.3)
+
+
+def test_publish_wakes_listener_with_data_and_cursor(server, cid):
+    poll = server.listen(f"{cid}a")
+    server.publish(f"{cid}a", '{"text": "hello"}')
+    body = parts(poll.response())
+    assert len(body) == 1
+    assert body[0]["data"] == {"text": "hello"}
+    cursor = body[0]["ids"][f"{cid}a"]
+    assert isinstance(cursor, str) and float(cursor) > time.time() - 60
+
+
+def test_several_channels_in_one_request(server, cid):
+    poll = server.listen(f"{cid}a,{cid}b,{cid}c")
+    server.publish(f"{cid}b", '"to b"')
+    body = parts(poll.response())
+    assert [list(p["ids"]) for p in body] == [[f"{cid}b"]]
+    assert body[0]["data"] == "to b"
+
+
+def test_one_publish_to_several_listened_channels_is_one_part(server, cid):
+    poll = server.listen(f"{cid}a,{cid}b")
+    server.publish(f"{cid}a,{cid}b,{cid}other", '"both"')
+    body = parts(poll.response())
+    assert len(body) == 1
+    assert set(body[0]["ids"]) == {f"{cid}a", f"{cid}b"}
+    assert body[0]["ids"][f"{cid}a"] == body[0]["ids"][f"{cid}b"]
+
+
+def test_buffered_data_reaches_a_later_client_with_an_older_cursor(server, cid):
+    server.publish(f"{cid}a", '"first"')
+    server.publish(f"{cid}a", '"second"')
+    response = server.poll(f"identifier=0:{cid}a").response()
+    body = parts(response)
+    assert [p["data"] for p in body] == ["first", "second"]
+    first, second = (p["ids"][f"{cid}a"] for p in body)
+    assert first < second
+
+
+def test_no_delivery_when_listened_cursor_is_newer(server, cid):
+    server.publish(f"{cid}a", '"old"')
+    cursor = parts(server.poll(f"identifier=0:{cid}a").response())[0]["ids"][f"{cid}a"]
+    poll = server.listen(f"{cursor}:{cid}a")
+    assert not poll.has_ended(0.5)
+
+
+def test_listener_without_cursor_listens_from_now(server, cid):
+    server.publish(f"{cid}a", '"before"')
+    poll = server.listen(f"{cid}a")
+    assert not poll.has_ended(0.3)
+    server.publish(f"{cid}a", '"after"')
+    assert [p["data"] for p in parts(poll.response())] == ["after"]
+
+
+def test_sequential_publishes_and_reconnect_with_returned_cursor(server, cid):
+    poll = server.listen(f"{cid}a")
+    server.publish(f"{cid}a", '"one"')
+    server.publish(f"{cid}a", '"two"')
+    first = parts(poll.response())
+    assert [p["data"] for p in first] == ["one"]
+    cursor = first[0]["ids"][f"{cid}a"]
+    second = parts(server.poll(f"identifier={cursor}:{cid}a").response())
+    assert [p["data"] for p in second] == ["two"]
+    assert second[0]["ids"][f"{cid}a"] > cursor
+
+
+def test_publisher_cursors_are_exact_decimals(server, cid):
+    # Two cursors a double cannot tell apart must still be told apart.
+    server.publish(f"1732486800.12345678901234:{cid}a", '"x"')
+    server.publish(f"1732486800.12345678901235:{cid}a", '"y"')
+    body = parts(server.poll(f"identifier=1732486800.12345678901234:{cid}a").response())
+    assert [(p["data"], p["ids"][f"{cid}a"]) for p in body] == [("y", "1732486800.12345678901235")]
+
+
+def test_small_integer_cursors(server, cid):
+    server.publish(f"5:{cid}a", '"five"')
+    server.publish(f"7:{cid}a", '"seven"')
+    body = parts(server.poll(f"identifier=5:{cid}a").response())
+    assert [(p["data"], p["ids"][f"{cid}a"]) for p in body] == [("seven", "7")]
+
+
+def test_parts_are_ordered_by_cursor_across_channels(server, cid):
+    server.publish(f"3:{cid}b", '"b3"')
+    server.publish(f"2:{cid}a", '"a2"')
+    server.publish(f"4:{cid}a", '"a4"')
+    body = parts(server.poll(f"identifier=0:{cid}a,0:{cid}b").response())
+    assert [p["data"] for p in body] == ["a2", "b3", "a4"]
+
+
+def test_limited_message_reaches_only_listeners_of_a_limiter(server, cid):
+    plain = server.listen(f"{cid}a")
+    allowed = server.listen(f"{cid}a,{cid}friend")
+    server.publish(f"{cid}a,*{cid}friend", '"secret"')
+    assert [p["data"] for p in parts(allowed.response())] == ["secret"]
+    assert not plain.has_ended(0.3)
+    server.publish(f"{cid}a", '"public"')
+    assert [p["data"] for p in parts(plain.response())] == ["public"]
+
+
+def test_limited_message_is_not_visible_in_history_either(server, cid):
+    server.publish(f"{cid}a,*{cid}friend", '"secret"')
+    server.publish(f"{cid}a", '"public"')
+    body = parts(server.poll(f"identifier=0:{cid}a").response())
+    assert [p["data"] for p in body] == ["public"]
+    body = parts(server.poll(f"identifier=0:{cid}a,*{cid}friend").response())
+    assert [p["data"] for p in body] == ["secret", "public"]
+
+
+def test_limiters_are_not_publish_targets(server, cid):
+    friend = server.listen(f"{cid}friend")
+    server.publish(f"{cid}a,*{cid}friend", '"secret"')
+    assert not friend.has_ended(0.3)
+
+
+def test_wait_timeout_closes_with_empty_body(server_factory, cid):
+    fast = server_factory(WAIT_TIMEOUT=0.5)
+    poll = fast.listen(f"{cid}a")
+    response = poll.response(timeout=5)
+    assert response.status == 200
+    assert response.body == b" \r\n"
+    assert fast.wait_until(lambda: fast.online(cid) == {f"{cid}a": 0})
+
+
+def test_post_with_identifier_in_body(server, cid):
+    poll = server.poll("", method="POST", body=f"identifier={cid}a,{cid}b\n".encode())
+    poll.headers_arrived()
+    server.publish(f"{cid}b", '"posted"')
+    assert [p["data"] for p in parts(poll.response())] == ["posted"]
+
+
+def test_referer_header_is_ignored(server, cid):
+    poll = server.listen(f"{cid}a", headers=f"Referer: http://x/?identifier={cid}evil\r\n")
+    server.publish(f"{cid}evil", '"evil"')
+    assert not poll.has_ended(0.3)
+    assert server.online(cid) == {f"{cid}a": 1}
+
+
+def test_identifier_anywhere_in_the_request_line(server, cid):
+    poll = server.poll(f"ncrnd=5&identifier={cid}a")
+    poll.headers_arrived()
+    server.publish(f"{cid}a", '"x"')
+    assert parts(poll.response())[0]["data"] == "x"
+
+
+def test_credentials_on_the_wait_line_are_ignored(server, cid):
+    poll = server.listen(f"bob:pw@{cid}a")
+    server.publish(f"{cid}a", '"x"')
+    assert parts(poll.response())[0]["data"] == "x"
+
+
+@pytest.mark.parametrize("query", ["identifier=", "identifier=,,,", "identifier=bad-id!", "nothing=here"])
+def test_empty_identifier_is_a_400(server, query):
+    response = server.get(query)
+    assert response.status == 400
+    assert response.body.strip()
+    assert b"\n" not in response.body.strip()
+
+
+def test_request_longer_than_wait_maxlen_is_a_413(server, cid):
+    ids = ",".join(f"{cid}{n}" for n in range(600))
+    response = server.get(f"identifier={ids}")
+    assert response.status in (413, 414)
+    assert server.online(cid) == {}
+
+
+def test_long_post_body_is_a_413_however_it_arrives(server, cid):
+    ids = ",".join(f"{cid}{n}" for n in range(600)).encode()
+    body = b"identifier=" + ids
+    request = (f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        for start in range(0, len(request), 100):
+            sock.sendall(request[start:start + 100])
+            time.sleep(0.001)
+        response = parse_response(read_to_eof(sock))
+    assert response.status == 413
+    assert b"WAIT_MAXLEN" in response.body
+    assert server.online(cid) == {}
+
+
+def test_chunked_post_over_the_limit_is_a_413(server, cid):
+    ids = ",".join(f"{cid}{n}" for n in range(600)).encode()
+    body = b"identifier=" + ids
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 500]), body[i:i + 500])
+                      for i in range(0, len(body), 500)) + b"0\r\n\r\n"
+    poll = server.poll("", method="GET", headers="Transfer-Encoding: chunked\r\n")
+    poll.sock.sendall(chunks)
+    response = poll.response()
+    assert response.status in (400, 413)
+
+
+def test_client_that_disconnects_mid_wait_is_removed(server, cid):
+    polls = [server.listen(f"{cid}a,{cid}b") for _ in range(5)]
+    assert server.online(cid) == {f"{cid}a": 5, f"{cid}b": 5}
+    for poll in polls:
+        poll.close()
+    assert server.wait_until(lambda: server.online(cid) == {f"{cid}a": 0, f"{cid}b": 0})
+
+
+def test_offline_only_after_the_last_listener_leaves(server, cid):
+    # The shared server runs with OFFLINE_TIMEOUT = 1.
+    first = server.listen(f"{cid}a")
+    second = server.listen(f"{cid}a")
+    start = server.command("WATCH").text.split()[1].split(":")[0]
+    first.close()
+    time.sleep(1.6)
+    assert server.online(cid) == {f"{cid}a": 1}
+    second.close()
+    assert server.wait_until(lambda: server.online(cid) == {f"{cid}a": 0})
+    assert server.wait_until(lambda: server.online(cid) == {}, timeout=5)
+    events = server.command(f"WATCH {start} {cid}").text.splitlines()
+    assert [e.split()[0] for e in events] == ["offline"]
+
+
+def test_new_listener_within_offline_timeout_cancels_offline(server, cid):
+    poll = server.listen(f"{cid}a")
+    start = server.command("WATCH").text.split()[1].split(":")[0]
+    poll.close()
+    server.wait_until(lambda: server.online(cid) == {f"{cid}a": 0})
+    again = server.listen(f"{cid}a")
+    time.sleep(1.5)
+    assert server.online(cid) == {f"{cid}a": 1}
+    assert server.command(f"WATCH {start} {cid}").text == ""
+    again.close()
+
+
+def test_delivered_listener_is_removed_from_all_its_channels(server, cid):
+    poll = server.listen(f"{cid}a,{cid}b")
+    server.publish(f"{cid}a", '"x"')
+    parts(poll.response())
+    assert server.online(cid) == {f"{cid}a": 0, f"{cid}b": 0}
+
+
+def test_http_10_client_gets_a_close_delimited_body(server, cid):
+    poll = server.poll(f"identifier={cid}a", version="HTTP/1.0")
+    poll.headers_arrived()
+    server.publish(f"{cid}a", '"x"')
+    response = poll.response()
+    assert parts(response)[0]["data"] == "x"
+
+
+def test_iframe_page_with_substitutions(server):
+    response = server.get("identifier=IFRAME")
+    assert response.status == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert response.headers["origin-agent-cluster"] == "?0"
+    assert "public" in response.headers["cache-control"]
+    assert response.headers["last-modified"].endswith("GMT")
+    assert "$" not in response.text.replace("$)", "")
+    assert "identifier=SCRIPT" in response.text
+
+
+def test_script_page_with_substitutions(server):
+    response = server.get("identifier=SCRIPT")
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/javascript")
+    assert "$WAIT_TIMEOUT" not in response.text and "$JS_WAIT_URI" not in response.text
+    assert int(response.headers["content-length"]) == len(response.body)
+
+
+def test_page_not_modified_since(server):
+    first = server.get("identifier=SCRIPT")
+    again = server.get("identifier=SCRIPT",
+                       headers=f"If-Modified-Since: {first.headers['last-modified']}\r\n")
+    assert again.status == 304
+    assert again.body == b""
+
+
+def test_cors_simple_request_and_preflight(server, cid):
+    poll = server.listen(f"{cid}a", headers="Origin: http://www.example.com\r\n")
+    assert b"access-control-allow-origin: *" in poll.headers_arrived().lower()
+    preflight = server.get("identifier=x", method="OPTIONS",
+                           headers="Origin: http://www.example.com\r\n"
+                                   "Access-Control-Request-Method: POST\r\n"
+                                   "Access-Control-Request-Headers: content-type\r\n")
+    assert preflight.status == 204
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert preflight.headers["access-control-allow-headers"] == "content-type"
+
+
+def test_cors_only_for_configured_origins(server_factory, cid):
+    strict = server_factory(CORS_ORIGINS=["http://good.example"])
+    good = strict.listen(f"{cid}a", headers="Origin: http://good.example\r\n")
+    assert b"access-control-allow-origin: http://good.example" in good.headers_arrived().lower()
+    bad = strict.listen(f"{cid}a", headers="Origin: http://evil.example\r\n")
+    assert b"access-control-allow-origin" not in bad.headers_arrived().lower()
+    preflight = strict.get("identifier=x", method="OPTIONS", headers="Origin: http://evil.example\r\n")
+    assert preflight.status == 403
+
+
+def test_unsupported_method_is_a_405(server):
+    response = server.get("identifier=x", method="DELETE")
+    assert response.status == 405
