@@ -50,6 +50,10 @@ class CursorClock:
         return Decimal(text), text
 
     def now(self) -> Decimal:
-        """The cursor of "now": after every cursor handed out so far."""
-        units = max(self._time_ns() * _NS_TO_UNITS, self._last)
-        return Decimal(format_units(units))
+        """The cursor of "now": not before any cursor handed out so far.
+
+        Every later :meth:`next` is strictly greater, so a listener from
+        "now" gets a publish made in the same nanosecond.
+        """
+        self._last = max(self._time_ns() * _NS_TO_UNITS, self._last)
+        return Decimal(format_units(self._last))

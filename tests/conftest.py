@@ -141,7 +141,10 @@ class LongPoll:
         return parse_response(self._buf + read_to_eof(self.sock, timeout))
 
     def has_ended(self, wait: float = 0.3) -> bool:
-        """Whether the server sent more than the headers and closed within ``wait``."""
+        """Whether the server sent more than the headers and first bytes within ``wait``."""
+        self.headers_arrived()
+        if len(self._buf.partition(b"\r\n\r\n")[2]) > 3:
+            return True
         self.sock.settimeout(wait)
         try:
             chunk = self.sock.recv(65536)

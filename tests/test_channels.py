@@ -1,0 +1,281 @@
+"""The channel state's contract, with fake clocks and no sockets.
+
+Written against :class:`ChannelState`: a new implementation (a shared
+store) joins by adding itself to the ``state`` fixture's params.
+"""
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from realplexor.channels import MemoryChannels, Settings
+from realplexor.cursors import CursorClock
+
+
+class FakeClock:
+    """Monotonic seconds that move only when the test says so."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeWallClock:
+    """Nanoseconds since the epoch that move only when the test says so."""
+
+    def __init__(self):
+        self.ns = 1_732_486_800_000_000_000
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+class Recorder:
+    """A listener that keeps what it was told."""
+
+    def __init__(self, **cursors):
+        self.cursors = {k: (Decimal(v) if v is not None else None) for k, v in cursors.items()}
+        self.bodies: list[bytes] = []
+
+    def deliver(self, body: bytes) -> None:
+        self.bodies.append(body)
+
+    def parts(self):
+        assert len(self.bodies) == 1
+        return json.loads(self.bodies[0])
+
+
+def memory_state(settings, clock, wall):
+    return MemoryChannels(settings, clock=clock, cursor_clock=CursorClock(wall))
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def wall():
+    return FakeWallClock()
+
+
+@pytest.fixture(params=[memory_state], ids=["memory"])
+def make_state(request, clock, wall):
+    def make(**settings):
+        return request.param(Settings(**settings), clock, wall)
+    return make
+
+
+@pytest.fixture
+def state(make_state):
+    return make_state(offline_timeout=30, clean_id_after=3600, max_data_for_id=30)
+
+
+def publish(state, ids, data="1", limiters=()):
+    targets = []
+    for item in ids.split(","):
+        cursor, _, channel = item.rpartition(":")
+        targets.append((channel, Decimal(cursor) if cursor else None, cursor or None))
+    return state.publish(targets, data.encode(), frozenset(limiters))
+
+
+def test_listener_is_woken_once_with_the_publish(state):
+    listener = Recorder(a=None)
+    assert state.listen(listener) is None
+    placed = publish(state, "a", '"x"')
+    assert listener.parts() == [{"ids": {"a": placed[0][1]}, "data": "x"}]
+    publish(state, "a", '"y"')
+    assert len(listener.bodies) == 1
+    assert state.listener_count() == 0
+
+
+def test_queued_message_answers_a_listener_with_an_older_cursor(state):
+    publish(state, "a", '"x"')
+    body = state.listen(Recorder(a="0"))
+    assert json.loads(body)[0]["data"] == "x"
+    assert state.listener_count() == 0
+
+
+def test_listener_without_cursor_ignores_the_past(state, wall):
+    publish(state, "a", '"x"')
+    assert state.listen(Recorder(a=None)) is None
+
+
+def test_listener_from_now_is_after_every_cursor_handed_out(state, wall):
+    # Two publishes in the same nanosecond, then a listener in that nanosecond.
+    publish(state, "a")
+    publish(state, "a")
+    assert state.listen(Recorder(a=None)) is None
+
+
+def test_server_cursors_strictly_increase_within_one_nanosecond(state):
+    cursors = [Decimal(publish(state, "a")[0][1]) for _ in range(5)]
+    assert cursors == sorted(set(cursors))
+    assert all(len(str(c).split(".")[1]) == 14 for c in cursors)
+
+
+def test_one_publish_reaching_several_listened_channels_is_one_part(state):
+    listener = Recorder(a=None, b=None, c=None)
+    state.listen(listener)
+    placed = dict(publish(state, "a,b,z"))
+    assert listener.parts() == [{"ids": {"a": placed["a"], "b": placed["b"]}, "data": 1}]
+
+
+def test_queued_parts_are_grouped_and_ordered_by_cursor(state):
+    publish(state, "5:b", '"b5"')
+    publish(state, "3:a,3:b", '"ab3"')
+    publish(state, "4:a", '"a4"')
+    parts = json.loads(state.listen(Recorder(a="0", b="0")))
+    assert [(p["data"], p["ids"]) for p in parts] == [
+        ("ab3", {"a": "3", "b": "3"}), ("a4", {"a": "4"}), ("b5", {"b": "5"})]
+
+
+def test_limited_message_only_for_listeners_of_a_limiter(state):
+    plain, friend = Recorder(a=None), Recorder(a=None, f=None)
+    state.listen(plain)
+    state.listen(friend)
+    publish(state, "a", '"secret"', limiters={"f"})
+    assert friend.parts()[0]["data"] == "secret"
+    assert plain.bodies == []
+    assert state.listen(Recorder(a="0")) is None
+    assert json.loads(state.listen(Recorder(a="0", f="0")))[0]["data"] == "secret"
+
+
+def test_no_wake_when_the_listened_cursor_is_newer(state):
+    listener = Recorder(a="100")
+    state.listen(listener)
+    publish(state, "50:a")
+    assert listener.bodies == []
+    publish(state, "150:a", '"new"')
+    assert listener.parts() == [{"ids": {"a": "150"}, "data": "new"}]
+
+
+def test_body_is_rendered_once_for_listeners_with_the_same_channels(state):
+    listeners = [Recorder(a=None) for _ in range(3)] + [Recorder(a=None, b=None)]
+    for listener in listeners:
+        state.listen(listener)
+    publish(state, "a")
+    assert listeners[0].bodies[0] is listeners[1].bodies[0] is listeners[2].bodies[0]
+    assert listeners[3].bodies[0] == listeners[0].bodies[0]
+
+
+def test_queue_keeps_the_newest_max_data_for_id(make_state):
+    state = make_state(max_data_for_id=3)
+    for n in range(5):
+        publish(state, f"{n + 1}:a", str(n))
+    assert [p["data"] for p in json.loads(state.listen(Recorder(a="0")))] == [2, 3, 4]
+
+
+def test_out_of_order_cursors_are_queued_in_order(state):
+    publish(state, "10:a", '"ten"')
+    publish(state, "5:a", '"five"')
+    assert [p["data"] for p in json.loads(state.listen(Recorder(a="0")))] == ["five", "ten"]
+
+
+def test_queue_is_emptied_after_clean_id_after(make_state, clock):
+    state = make_state(clean_id_after=60)
+    publish(state, "a")
+    clock.now += 59
+    assert state.listen(Recorder(a="0")) is not None
+    clock.now += 2
+    assert state.listen(Recorder(a="0")) is None
+    publish(state, "b")
+    clock.now += 61
+    state.expire()
+    assert "[b]" not in state.stats()
+
+
+def test_online_counts_listeners_and_offline_waits_for_the_last(state, clock):
+    first, second = Recorder(a=None), Recorder(a=None)
+    state.listen(first)
+    state.listen(second)
+    assert state.online() == [("a", 2)]
+    state.unlisten(first)
+    clock.now += 100
+    state.expire()
+    assert state.online() == [("a", 1)]
+    state.unlisten(second)
+    assert state.online() == [("a", 0)]
+    clock.now += 29
+    state.expire()
+    assert state.online() == [("a", 0)]
+    clock.now += 1
+    state.expire()
+    assert state.online() == []
+    assert [e[0] for e in state.watch(0)] == ["offline"]
+
+
+def test_returning_listener_cancels_the_offline_countdown(state, clock):
+    listener = Recorder(a=None)
+    state.listen(listener)
+    state.unlisten(listener)
+    clock.now += 20
+    state.listen(Recorder(a=None))
+    clock.now += 20
+    state.expire()
+    assert state.online() == [("a", 1)]
+    assert [(e, c) for e, _, c in state.watch(0)] == [("online", "a")]
+
+
+def test_unlisten_is_idempotent(state):
+    listener = Recorder(a=None, b=None)
+    state.listen(listener)
+    state.unlisten(listener)
+    state.unlisten(listener)
+    assert state.listener_count() == 0
+    assert state.online() == [("a", 0), ("b", 0)]
+
+
+def test_online_filters_by_prefix_and_sorts(state):
+    state.listen(Recorder(x_b=None, x_a=None, y_c=None))
+    assert state.online(["x_"]) == [("x_a", 1), ("x_b", 1)]
+    assert state.online(["y_", "x_a"]) == [("x_a", 1), ("y_c", 1)]
+
+
+def test_watch_dedups_and_keeps_latest_in_order(state, clock):
+    start = state.position()
+    one = Recorder(a=None)
+    state.listen(one)
+    state.listen(Recorder(b=None))
+    state.unlisten(one)
+    clock.now += 30
+    state.expire()
+    events = state.watch(start)
+    assert [(e, c) for e, _, c in events] == [("online", "b"), ("offline", "a")]
+    assert [p for _, p, _ in events] == sorted(p for _, p, _ in events)
+    assert state.watch(state.position()) == []
+    assert [(e, c) for e, _, c in state.watch(start, ["a"])] == [("offline", "a")]
+
+
+def test_event_log_is_bounded(make_state, clock):
+    state = make_state(event_log_len=4, offline_timeout=0)
+    for n in range(10):
+        listener = Recorder(**{f"c{n}": None})
+        state.listen(listener)
+        state.unlisten(listener)
+        state.expire()
+    # Only the last four transitions are kept: c8 and c9 going on and off.
+    assert [(e, p, c) for e, p, c in state.watch(0)] == [("offline", 18, "c8"), ("offline", 20, "c9")]
+    assert state.position() == 20
+
+
+def test_many_listeners_of_one_channel_all_woken(state):
+    listeners = [Recorder(a=None) for _ in range(2000)]
+    for listener in listeners:
+        state.listen(listener)
+    for listener in listeners[::2]:
+        state.unlisten(listener)
+    publish(state, "a")
+    assert [len(l.bodies) for l in listeners] == [0, 1] * 1000
+    assert state.listener_count() == 0
+
+
+def test_stats_names_channels(state):
+    state.listen(Recorder(a=None))
+    publish(state, "b")
+    text = state.stats()
+    assert "listeners: 1" in text and "[a]" in text and "[b]" in text
