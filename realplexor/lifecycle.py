@@ -63,16 +63,16 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; the exit status."""
-        self.server.start()
-        try:
-            drop_privileges(self.config.SU_USER)
-        except (StartError, OSError) as exc:
-            self.server.stop()
-            raise StartError(str(exc)) from None
+        # Handlers first: a signal that comes while binding is queued, not fatal.
         handlers = [gevent.signal_handler(signum, self._queue, name)
                     for signum, name in _SIGNALS.items()]
-        log.info("realplexor started (pid %d)", os.getpid())
         try:
+            self.server.start()
+            try:
+                drop_privileges(self.config.SU_USER)
+            except OSError as exc:
+                raise StartError(f"cannot become SU_USER {self.config.SU_USER}: {exc}") from None
+            log.info("realplexor started (pid %d)", os.getpid())
             while True:
                 self._wakeup.wait()
                 self._wakeup.clear()

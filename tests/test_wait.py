@@ -321,3 +321,46 @@ def test_cors_only_for_configured_origins(server_factory, cid):
 def test_unsupported_method_is_a_405(server):
     response = server.get("identifier=x", method="DELETE")
     assert response.status == 405
+
+
+# -- the WSGI application in-process (webtest), for what needs no waiting --
+
+@pytest.fixture
+def wsgi_app(tmp_path):
+    from webtest import TestApp
+
+    from realplexor.channels import MemoryChannels
+    from realplexor.config import validate
+    from realplexor.wait import WaitApp
+
+    script = tmp_path / "script.js"
+    script.write_text("var uri = '$JS_WAIT_URI', id = '$IDENTIFIER', t = $WAIT_TIMEOUT, keep = '$UNKNOWN';\n")
+    config = validate({"JS_WAIT_URI": "/rpl/", "IDENTIFIER": "ident", "WAIT_TIMEOUT": 42,
+                       "SCRIPT_FILE": str(script), "WAIT_MAXLEN": 200})
+    state = MemoryChannels()
+    return TestApp(WaitApp(config, state)), state
+
+
+def test_wsgi_app_answers_queued_data_at_once(wsgi_app):
+    app, state = wsgi_app
+    state.publish([("a", None, None)], b'{"k": 1}')
+    response = app.get("/?ident=0:a")
+    assert response.headers["Content-Type"] == "text/javascript; charset=utf-8"
+    assert response.body.startswith(b" \r\n")
+    assert json.loads(response.body)[0]["data"] == {"k": 1}
+
+
+def test_wsgi_app_script_substitution(wsgi_app):
+    app, _ = wsgi_app
+    text = app.get("/?ident=SCRIPT").text
+    assert text == "var uri = '/rpl/', id = 'ident', t = 42, keep = '$UNKNOWN';\n"
+
+
+def test_wsgi_app_errors_are_one_line(wsgi_app):
+    app, _ = wsgi_app
+    response = app.get("/?ident=", status=400)
+    assert response.text.count("\n") == 1 and "empty identifier list" in response.text
+    response = app.get("/?ident=" + "a," * 150, status=413)
+    assert "WAIT_MAXLEN (200 bytes)" in response.text
+    response = app.post("/", "ident=" + "a," * 150, status=413)
+    assert response.text.count("\n") == 1

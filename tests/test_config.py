@@ -1,0 +1,76 @@
+"""Configuration: defaults, TOML loading, validation with clear errors."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from realplexor.config import Config, ConfigError, load_config, parse_address, validate
+
+
+def test_defaults_need_no_file():
+    config = load_config(None)
+    assert config.WAIT_ADDR == ("127.0.0.1:8088",)
+    assert config.IN_ADDR == ("127.0.0.1:10010",)
+    assert (config.WAIT_TIMEOUT, config.WAIT_MAXLEN, config.IN_TIMEOUT, config.IN_MAXLEN) == (300, 5120, 20, 204800)
+    assert (config.EVENT_CHAIN_LEN, config.OFFLINE_TIMEOUT, config.MAX_DATA_FOR_ID, config.CLEAN_ID_AFTER) == (1000, 30, 30, 3600)
+    assert (config.IFRAME_ID, config.SCRIPT_ID, config.IDENTIFIER) == ("IFRAME", "SCRIPT", "identifier")
+    assert (config.JS_MAX_BOUNCES, config.JS_WAIT_RECONNECT_DELAY, config.JS_WAIT_URI) == (10, 0.01, "/")
+    for path in (config.USERS_FILE, config.IFRAME_FILE, config.SCRIPT_FILE):
+        assert os.path.isfile(path), path
+    assert open(config.USERS_FILE).read().strip() == ":"
+
+
+def test_keys_are_case_insensitive_and_lists_accept_strings(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('wait_addr = "0.0.0.0:80, 127.0.0.1:81"\nWait_Timeout = 5\njs_debug = 1\n')
+    config = load_config(str(path))
+    assert config.WAIT_ADDR == ("0.0.0.0:80", "127.0.0.1:81")
+    assert config.WAIT_TIMEOUT == 5.0 and config.JS_DEBUG is True
+
+
+def test_relative_files_are_relative_to_the_config_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('users_file = "users"\n')
+    assert load_config(str(path)).USERS_FILE == str(tmp_path / "users")
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"NO_SUCH": 1}, "unknown option 'NO_SUCH'"),
+    ({"wait_timeout": "soon"}, "WAIT_TIMEOUT must be a number"),
+    ({"WAIT_MAXLEN": 1.5}, "WAIT_MAXLEN must be a whole number"),
+    ({"JS_DEBUG": "yes"}, "JS_DEBUG must be true or false"),
+    ({"WAIT_ADDR": []}, "WAIT_ADDR must be a non-empty list"),
+    ({"IN_ADDR": ["localhost"]}, "IN_ADDR: 'localhost' is not host:port"),
+    ({"IN_ADDR": ["1.2.3.4:99999"]}, "IN_ADDR"),
+    ({"MAX_DATA_FOR_ID": 0}, "MAX_DATA_FOR_ID must be at least 1"),
+    ({"VERBOSITY": 4}, "VERBOSITY must be 0..3"),
+    ({"IDENTIFIER": "a b"}, "IDENTIFIER must be a word"),
+    ({"CHARSET": "klingon"}, "unknown charset"),
+    ({"CHARSET": 5}, "CHARSET must be a string"),
+])
+def test_validation_errors_name_the_key(raw, message):
+    with pytest.raises(ConfigError) as caught:
+        validate(raw)
+    assert message in str(caught.value)
+
+
+def test_unreadable_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("wait_addr = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(str(bad))
+
+
+def test_parse_address():
+    assert parse_address("127.0.0.1:8088") == ("127.0.0.1", 8088)
+    assert parse_address(":8088") == ("0.0.0.0", 8088)
+    assert parse_address("[::1]:8088") == ("::1", 8088)
+
+
+def test_substitutions_render_every_option():
+    values = Config().substitutions()
+    assert values["WAIT_TIMEOUT"] == "300" and values["JS_DEBUG"] == "false"
+    assert values["JS_WAIT_RECONNECT_DELAY"] == "0.01" and values["WAIT_ADDR"] == "127.0.0.1:8088"
