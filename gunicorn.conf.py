@@ -1,12 +1,5 @@
 """gunicorn settings for serving Realplexor's WAIT line (read from this folder)."""
-import sys
+from realplexor.worker import refuse_several_workers as on_starting  # noqa: F401
 
 worker_class = "gevent"
 workers = 1
-
-
-def on_starting(server):
-    """Refuse several workers: each would hold its own channel state."""
-    if server.cfg.workers != 1:
-        sys.exit(f"realplexor: refusing to start {server.cfg.workers} gunicorn workers: "
-                 "the channel state is in-memory and would silently split; use -w 1")

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError, load_config
-from .lifecycle import Daemon, configure_logging
-from .server import StartError
+from .lifecycle import Daemon, Restart, Supervisor, configure_logging
+from .server import Realplexor, StartError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,16 +18,36 @@ def build_parser() -> argparse.ArgumentParser:
                     "Browsers long-poll the WAIT line; back ends publish on the IN line.")
     parser.add_argument("--config", metavar="FILE",
                         help="TOML configuration file (default: built-in defaults)")
+    parser.add_argument("--pidfile", metavar="PATH",
+                        help="write the server's pid here once it listens; removed on exit")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration and the files it names, then exit")
     return parser
+
+
+def check_config(path: str | None) -> int:
+    """Validate everything a start would read; 0 when it is all usable."""
+    config = load_config(path)
+    Realplexor(config)
+    print(f"realplexor: configuration OK ({path or 'built-in defaults'})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the server; the exit status (1 with one clear line on failure)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
+        if args.check_config:
+            return check_config(args.config)
         config = load_config(args.config)
         configure_logging(config.VERBOSITY)
-        return Daemon(config, args.config).run()
+        supervised = os.environ.get(Supervisor.ENV_FLAG) == "1"
+        if config.MAX_MEM_MB and not supervised:
+            return Supervisor(argv, args.pidfile).run()
+        return Daemon(config, args.config, args.pidfile, supervised).run()
     except (ConfigError, StartError) as exc:
         print(f"realplexor: {exc}", file=sys.stderr)
         return 1
+    except Restart:
+        return Supervisor.RESTART_STATUS

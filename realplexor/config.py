@@ -7,6 +7,7 @@ the server runs with no file at all.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -66,8 +67,12 @@ class Config:
                 if getattr(self, f.name) != getattr(other, f.name)]
 
 
+# VERBOSITY 0..3 as logging levels; 2 adds a line per IN request.
+VERBOSE = 15
+LOG_LEVELS = {0: logging.ERROR, 1: logging.INFO, 2: VERBOSE, 3: logging.DEBUG}
+
 # Options a running server cannot take on without re-binding or re-exec.
-RESTART_ONLY = frozenset({"WAIT_ADDR", "IN_ADDR", "SU_USER"})
+RESTART_ONLY = frozenset({"WAIT_ADDR", "IN_ADDR", "SU_USER", "MAX_MEM_MB"})
 
 _NUMBER_MINIMUMS = {
     "WAIT_TIMEOUT": 0.001, "WAIT_MAXLEN": 16, "IN_TIMEOUT": 0.001,

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from .auth import Principal, Users
 from .channels import ChannelState
-from .config import Config
+from .config import VERBOSE, Config
 from .protocol import (InRequest, ProtocolError, parse_in_request, render_error,
                        render_in_reply, render_online, render_watch)
 
@@ -75,6 +75,7 @@ class InLine:
                                                 request.identifier.password)
             if request.command is None:
                 return self._publish(principal, request, peer)
+            log.log(VERBOSE, "IN %s: %s %s", peer, request.command, " ".join(request.args))
             if request.command == "ONLINE":
                 return self._online(principal, request.args)
             if request.command == "WATCH":
@@ -95,7 +96,7 @@ class InLine:
                      ",".join(item.id for item in targets if not principal.may_touch(item.id)))
         if allowed:
             placed = self.state.publish(allowed, request.data, request.identifier.limiters)
-            log.debug("IN %s: published %d bytes to %s", peer, len(request.data),
+            log.log(VERBOSE, "IN %s: published %d bytes to %s", peer, len(request.data),
                       ",".join(f"{c}@{t}" for c, t in placed))
         return render_in_reply(200)
 

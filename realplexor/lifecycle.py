@@ -1,4 +1,4 @@
-"""Process life: run until a signal says stop, reload on SIGHUP, drop root.
+"""Process life: signals, reload, pidfile, privileges, file limit, memory guard.
 
 Signal handlers only queue the signal; the main greenlet handles each in
 a short ``handle_*`` method.
@@ -8,20 +8,29 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import resource
 import signal
+import subprocess
+import sys
 from collections import deque
+from typing import Callable
 
 import gevent
 from gevent.event import Event
 
-from .config import Config, ConfigError, load_config
+from .config import LOG_LEVELS, VERBOSE, Config, ConfigError, load_config
 from .server import Realplexor, StartError
 
 log = logging.getLogger("realplexor")
 
-VERBOSE = 15
-_LEVELS = {0: logging.ERROR, 1: logging.INFO, 2: VERBOSE, 3: logging.DEBUG}
 _SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup"}
+# File descriptors the server needs besides its connections.
+_SPARE_FILES = 64
+MEMORY_CHECK_INTERVAL = 1.0
+
+
+class Restart(Exception):
+    """The server asks to be started afresh (the memory guard fired)."""
 
 
 def configure_logging(verbosity: int) -> None:
@@ -33,7 +42,22 @@ def configure_logging(verbosity: int) -> None:
         handler.setFormatter(logging.Formatter(
             "%(asctime)s realplexor[%(process)d] %(levelname)s %(message)s"))
         root.addHandler(handler)
-    root.setLevel(_LEVELS[verbosity])
+    root.setLevel(LOG_LEVELS[verbosity])
+
+
+def raise_file_limit() -> int:
+    """Raise the soft open-files limit to the hard one; the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+    log.info("open-files limit %d: room for about %d connections", soft, max(soft - _SPARE_FILES, 0))
+    return soft
 
 
 def drop_privileges(user: str) -> None:
@@ -44,34 +68,124 @@ def drop_privileges(user: str) -> None:
         entry = pwd.getpwnam(user)
     except KeyError:
         raise StartError(f"SU_USER {user!r} is not a user on this system") from None
-    os.setgroups([])
-    os.initgroups(user, entry.pw_gid)
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)
+    try:
+        os.setgroups([])
+        os.initgroups(user, entry.pw_gid)
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    except OSError as exc:
+        raise StartError(f"cannot become SU_USER {user}: {exc}") from None
     log.info("running as user %s", user)
+
+
+class PidFile:
+    """A file holding this process's pid while it serves."""
+
+    def __init__(self, path: str, pid: int | None = None):
+        self.path = path
+        self.pid = pid or os.getpid()
+
+    def check_free(self) -> None:
+        """StartError if the file names another live process."""
+        try:
+            with open(self.path) as fh:
+                pid = int(fh.read().strip() or 0)
+        except (OSError, ValueError):
+            return
+        if pid and pid != self.pid and _alive(pid):
+            raise StartError(f"already running: pid {pid} in {self.path}")
+
+    def write(self) -> None:
+        """Write the pid (after binding)."""
+        try:
+            with open(self.path, "w") as fh:
+                fh.write(f"{self.pid}\n")
+        except OSError as exc:
+            raise StartError(f"cannot write pidfile {self.path}: {exc.strerror}") from None
+
+    def remove(self) -> None:
+        """Remove the file if it still holds the pid written."""
+        try:
+            with open(self.path) as fh:
+                if fh.read().strip() == str(self.pid):
+                    os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def resident_mb() -> float:
+    """This process's resident memory in MB."""
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * resource.getpagesize() / (1024 * 1024)
+
+
+class MemoryGuard:
+    """Calls ``on_exceeded`` once when the process grows past ``limit_mb``.
+
+    It runs in a supervised server: the supervisor starts a fresh one.
+    """
+
+    def __init__(self, limit_mb: int, on_exceeded: Callable[[float], None],
+                 measure: Callable[[], float] = resident_mb):
+        self.limit_mb = limit_mb
+        self._on_exceeded = on_exceeded
+        self._measure = measure
+        self._greenlet = gevent.spawn(self._watch)
+
+    def _watch(self) -> None:
+        while True:
+            gevent.sleep(MEMORY_CHECK_INTERVAL)
+            used = self._measure()
+            if used > self.limit_mb:
+                self._on_exceeded(used)
+                return
+
+    def stop(self) -> None:
+        """Stop watching."""
+        self._greenlet.kill(block=False)
 
 
 class Daemon:
     """One server process: start, serve until told to stop, reload on HUP."""
 
-    def __init__(self, config: Config, config_path: str | None = None):
+    def __init__(self, config: Config, config_path: str | None = None,
+                 pidfile: str | None = None, supervised: bool = False):
         self.config = config
         self.config_path = config_path
+        self.supervised = supervised
+        # A supervised server's pidfile names the supervisor, which signals reach.
+        self.pidfile = PidFile(pidfile, os.getppid() if supervised else None) if pidfile else None
+        if self.pidfile:
+            self.pidfile.check_free()
         self.server = Realplexor(config)
         self._signals: deque[str] = deque()
         self._wakeup = Event()
 
     def run(self) -> int:
-        """Serve until SIGTERM or SIGINT; the exit status."""
+        """Serve until SIGTERM or SIGINT; the exit status. Raises Restart."""
         # Handlers first: a signal that comes while binding is queued, not fatal.
         handlers = [gevent.signal_handler(signum, self._queue, name)
                     for signum, name in _SIGNALS.items()]
+        guard = None
         try:
+            raise_file_limit()
             self.server.start()
-            try:
-                drop_privileges(self.config.SU_USER)
-            except OSError as exc:
-                raise StartError(f"cannot become SU_USER {self.config.SU_USER}: {exc}") from None
+            if self.pidfile:
+                self.pidfile.write()
+            drop_privileges(self.config.SU_USER)
+            if self.supervised and self.config.MAX_MEM_MB:
+                guard = MemoryGuard(self.config.MAX_MEM_MB, self._memory_exceeded)
             log.info("realplexor started (pid %d)", os.getpid())
             while True:
                 self._wakeup.wait()
@@ -80,14 +194,22 @@ class Daemon:
                     if getattr(self, f"handle_{self._signals.popleft()}")():
                         return 0
         finally:
+            if guard is not None:
+                guard.stop()
             for handler in handlers:
                 handler.cancel()
             self.server.stop()
+            if self.pidfile and not self.supervised:
+                self.pidfile.remove()
             log.info("realplexor stopped")
 
     def _queue(self, name: str) -> None:
         self._signals.append(name)
         self._wakeup.set()
+
+    def _memory_exceeded(self, used_mb: float) -> None:
+        log.warning("memory %.0f MB is over MAX_MEM_MB %d: restarting", used_mb, self.config.MAX_MEM_MB)
+        self._queue("restart")
 
     def handle_term(self) -> bool:
         """SIGTERM: stop."""
@@ -98,6 +220,10 @@ class Daemon:
         """SIGINT (Ctrl-C): stop."""
         log.info("SIGINT received, stopping")
         return True
+
+    def handle_restart(self) -> bool:
+        """The memory guard fired: stop, and have the process started afresh."""
+        raise Restart()
 
     def handle_hup(self) -> bool:
         """SIGHUP: re-read the configuration and take on what can change live."""
@@ -114,3 +240,51 @@ class Daemon:
             log.warning("reload: %s changed but take effect only after a restart",
                         ", ".join(pending))
         return False
+
+
+class Supervisor:
+    """Runs the server as a child and starts a fresh one when it asks.
+
+    Used when MAX_MEM_MB is set: a server over its memory limit exits with
+    RESTART_STATUS and is started again at once (as root when the
+    supervisor is root, so it can bind privileged ports and drop to
+    SU_USER again). SIGTERM, SIGINT and SIGHUP are passed on to the child.
+    """
+
+    RESTART_STATUS = 75
+    ENV_FLAG = "REALPLEXOR_SUPERVISED"
+
+    def __init__(self, argv: list[str], pidfile: str | None = None):
+        self.argv = argv
+        self.pidfile = PidFile(pidfile) if pidfile else None
+        self._child: subprocess.Popen | None = None
+        self._stopping = False
+
+    def run(self) -> int:
+        """Keep a server running until it stops for another reason; its status."""
+        if self.pidfile:
+            self.pidfile.check_free()
+        for signum in _SIGNALS:
+            signal.signal(signum, self._forward)
+        try:
+            while not self._stopping:
+                self._child = subprocess.Popen(
+                    [sys.executable, "-m", "realplexor", *self.argv],
+                    env={**os.environ, self.ENV_FLAG: "1"})
+                status = self._child.wait()
+                if self._stopping:
+                    # A child told to stop before its handlers were in place dies of the signal.
+                    return 0 if status in (0, -signal.SIGTERM, -signal.SIGINT) else status
+                if status != self.RESTART_STATUS:
+                    return status
+                log.warning("server %d exited over MAX_MEM_MB; starting a fresh one", self._child.pid)
+            return 0
+        finally:
+            if self.pidfile:
+                self.pidfile.remove()
+
+    def _forward(self, signum: int, _frame) -> None:
+        if signum != signal.SIGHUP:
+            self._stopping = True
+        if self._child is not None and self._child.poll() is None:
+            self._child.send_signal(signum)

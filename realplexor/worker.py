@@ -31,3 +31,10 @@ def create_app(config_path: str | None) -> WaitApp:
                   "The in-memory channel state needs exactly one worker (-w 1).", file=sys.stderr)
         sys.exit(WORKER_BOOT_ERROR)
     return server.wait_app
+
+
+def refuse_several_workers(server) -> None:
+    """gunicorn ``on_starting`` hook: each worker would hold its own channel state."""
+    if server.cfg.workers != 1:
+        sys.exit(f"realplexor: refusing to start {server.cfg.workers} gunicorn workers: "
+                 "the channel state is in-memory and would silently split; use -w 1")
