@@ -247,6 +247,22 @@ def test_200_rapid_publishes_arrive_once_and_in_order(page, site, server_factory
     assert all(":" + f"{cid}n" in r["url"] for r in sent[1:])
 
 
+def test_empty_answers_after_wait_timeout_reconnect(page, site, server_factory, cid):
+    server = server_factory(WAIT_TIMEOUT=0.5)
+    open_with_server_script(page, site, server)
+    page.evaluate(f"""window.rpl = new Dklab_Realplexor({wait_url(server.wait_port)!r});
+                      rpl.subscribe("{cid}t", recorder("t")).execute()""")
+    wait_listening(server, f"{cid}t")
+    server.publish(f"{cid}t", '"first"')
+    cursor = received(page, 1)[0]["cursor"]
+    # Several polls end empty; each asks again from the same cursor, so a
+    # publish between two polls is not lost.
+    page.wait_for_function("requests.length >= 4", timeout=WAIT_MS)
+    assert all(f"identifier={cursor}:{cid}t&" in r["url"] for r in requests(page)[1:])
+    server.publish(f"{cid}t", '"late"')
+    assert [r["data"] for r in received(page, 2)] == ["first", "late"]
+
+
 def test_unsubscribe_one_callback_then_all(page, site, server, cid):
     open_with_server_script(page, site, server)
     page.evaluate(f"""window.one = recorder("one"); window.two = recorder("two");
