@@ -273,6 +273,8 @@
     this._dispatching = true;
     try {
       this._dispatch(parts);
+    } catch (error) {
+      report(error);   // the loop goes on whatever the answer held
     } finally {
       this._dispatching = false;
     }

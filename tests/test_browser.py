@@ -170,6 +170,19 @@ def test_served_script_carries_the_server_settings(page, site, server):
                       "waitUri": "/", "identifier": "identifier", "debug": False}
 
 
+def test_js_debug_logs_to_the_console(page, site, server_factory, cid):
+    server = server_factory(JS_DEBUG=True)
+    logged = []
+    page.on("console", lambda message: logged.append(message.text))
+    open_with_server_script(page, site, server)
+    assert page.evaluate("Dklab_Realplexor.config.debug") is True
+    page.evaluate(f"""new Dklab_Realplexor({wait_url(server.wait_port)!r})
+                      .subscribe("{cid}a", recorder("a")).execute()""")
+    wait_listening(server, f"{cid}a")
+    page.wait_for_timeout(100)   # lets Playwright take in the console events
+    assert any(line.startswith("Realplexor: GET") and f"{cid}a" in line for line in logged), logged
+
+
 def test_plain_file_falls_back_to_defaults(page, site):
     open_page(page, site, f"{site}/dklab_realplexor.js")
     config = page.evaluate("Dklab_Realplexor.config")
