@@ -1,9 +1,359 @@
-// Realplexor JavaScript client (placeholder; served with $-variables filled in).
-var Dklab_Realplexor_Config = {
-  waitTimeout: $WAIT_TIMEOUT,
-  maxBounces: $JS_MAX_BOUNCES,
-  reconnectDelay: $JS_WAIT_RECONNECT_DELAY,
-  waitUri: "$JS_WAIT_URI",
-  identifier: "$IDENTIFIER",
-  debug: $JS_DEBUG
-};
+/*
+ * Realplexor JavaScript client: long polling over cross-origin fetch.
+ *
+ *   var rpl = new Dklab_Realplexor("https://rpl.example.com/", "demo_");
+ *   rpl.subscribe("Alpha", function (data, id, cursor) { ... });
+ *   rpl.execute();
+ *
+ * The server serves this file at /?identifier=SCRIPT with the dollar
+ * placeholders below replaced by its configuration. Loaded as a plain static
+ * file they stay as they are, and the defaults apply.
+ *
+ * One request at a time carries every subscribed channel with the last
+ * cursor seen on it ("identifier=CURSOR:ID,ID2,..."); after each answer the
+ * client dispatches the parts and reconnects with the new cursors. Cursors
+ * are kept as the strings the server sent: a double cannot tell two
+ * consecutive server cursors apart.
+ *
+ * No IFRAME and no document.domain: the WAIT line answers CORS.
+ */
+(function (global) {
+  "use strict";
+
+  // A placeholder the server did not fill in still starts with a dollar.
+  function text(value, fallback) {
+    return value.charAt(0) === "$" ? fallback : value;
+  }
+
+  function number(value, fallback) {
+    var parsed = parseFloat(text(value, ""));
+    return isNaN(parsed) || parsed < 0 ? fallback : parsed;
+  }
+
+  var CONFIG = {
+    waitTimeout: number("$WAIT_TIMEOUT", 300),          // seconds the server holds a poll
+    maxBounces: number("$JS_MAX_BOUNCES", 10),          // failures in a row before the longest delay
+    reconnectDelay: number("$JS_WAIT_RECONNECT_DELAY", 0.01), // seconds between polls
+    waitUri: text("$JS_WAIT_URI", "/"),                  // WAIT path, relative to the client URL
+    identifier: text("$IDENTIFIER", "identifier"),       // the marker word before "="
+    debug: text("$JS_DEBUG", "false") === "true"
+  };
+
+  var VERSION = "2.0";
+  var MAX_GET_URL = 1500;       // longer URLs go as POST bodies
+  var FIRST_RETRY_DELAY = 0.1;  // seconds; doubled for each failure in a row
+  var MAX_RETRY_DELAY = 5;      // seconds; the longest wait between failing polls
+  var WATCHDOG_MARGIN = 30;     // seconds past WAIT_TIMEOUT before a silent poll is dropped
+
+  function debug() {
+    if (CONFIG.debug && global.console) {
+      global.console.log.apply(global.console, ["Realplexor:"].concat([].slice.call(arguments)));
+    }
+  }
+
+  // Report an error without stopping the caller: it reaches window.onerror
+  // and the console like any uncaught exception. reportError keeps the
+  // message even when this script comes from another origin (a rethrow
+  // from here would show as "Script error." there).
+  function report(error) {
+    if (typeof global.reportError === "function") {
+      global.reportError(error);
+    } else {
+      setTimeout(function () { throw error; }, 0);
+    }
+  }
+
+  // Compare two decimal cursor strings ("DIGITS[.DIGITS]") exactly: -1, 0 or 1.
+  function compareCursors(a, b) {
+    var pa = String(a).split("."), pb = String(b).split(".");
+    var ia = pa[0].replace(/^0+(?=\d)/, ""), ib = pb[0].replace(/^0+(?=\d)/, "");
+    if (ia.length !== ib.length) return ia.length < ib.length ? -1 : 1;
+    if (ia !== ib) return ia < ib ? -1 : 1;
+    var fa = pa[1] || "", fb = pb[1] || "";
+    var width = Math.max(fa.length, fb.length);
+    while (fa.length < width) fa += "0";
+    while (fb.length < width) fb += "0";
+    return fa === fb ? 0 : (fa < fb ? -1 : 1);
+  }
+
+  function isCursor(value) {
+    return /^\d+(\.\d+)?$/.test(String(value));
+  }
+
+  function resolve(uri, base) {
+    var page = global.location ? global.location.href : undefined;
+    return new URL(uri, new URL(base, page)).href;
+  }
+
+  // Constructor. url: the Realplexor server (its WAIT line), e.g.
+  // "https://rpl.example.com/"; namespace: a prefix added to every id on the
+  // wire and stripped again before callbacks see it.
+  function Dklab_Realplexor(url, namespace) {
+    if (!(this instanceof Dklab_Realplexor)) return new Dklab_Realplexor(url, namespace);
+    this.version = VERSION;
+    this._waitUrl = resolve(CONFIG.waitUri, url || "/");
+    this._namespace = namespace == null ? "" : String(namespace);
+    this._login = null;
+    // { id without prefix: { cursor: "DIGITS.DIGITS" or null, callbacks: [fn, ...] } }
+    this._map = {};
+    this._prefix = null;      // set by the IFRAME bridge: the old client's own prefix
+    this._caller = null;      // set by the IFRAME bridge: calls a callback across frames
+    this._request = null;     // the poll in flight: { identifier, controller, watchdog }
+    this._timer = null;       // the next poll, when one is scheduled
+    this._failures = 0;       // failed polls in a row
+    this._dispatching = false;
+  }
+
+  Dklab_Realplexor.VERSION = VERSION;
+  Dklab_Realplexor.config = CONFIG;
+  Dklab_Realplexor.compareCursors = compareCursors;
+
+  // Set the login. As in the original client, it is one more id prefix:
+  // with logon("user") and namespace "demo_", "Alpha" is "user_demo_Alpha"
+  // on the wire, the channels a back end logged in as "user" may publish
+  // to. The WAIT line ignores credentials, so no password is ever sent.
+  Dklab_Realplexor.prototype.logon = function (login) {
+    this._login = login == null ? null : String(login);
+    return this;
+  };
+
+  // Listen to id from cursor on (e.g. 0 to replay the server's whole queue).
+  // Takes effect on the next execute().
+  Dklab_Realplexor.prototype.setCursor = function (id, cursor) {
+    this._entry(id).cursor = cursor == null ? null : String(cursor);
+    return this;
+  };
+
+  // Add callback(data, id, cursor) for id; call execute() to apply.
+  Dklab_Realplexor.prototype.subscribe = function (id, callback) {
+    var chain = this._entry(id).callbacks;
+    if (typeof callback === "function" && chain.indexOf(callback) < 0) chain.push(callback);
+    return this;
+  };
+
+  // Remove callback from id, or every callback of id when it is null.
+  // It is not called any more at once; execute() stops listening to id.
+  Dklab_Realplexor.prototype.unsubscribe = function (id, callback) {
+    var entry = this._map[id];
+    if (!entry) return this;
+    if (callback == null) {
+      entry.callbacks = [];
+    } else {
+      var at = entry.callbacks.indexOf(callback);
+      if (at >= 0) entry.callbacks.splice(at, 1);
+    }
+    return this;
+  };
+
+  // Apply subscriptions: start polling, or reconnect when the channels or
+  // cursors to ask for changed. Inside a callback it does nothing more: the
+  // client reconnects with the current subscriptions once the answer is
+  // dispatched. Calls in a row make one request.
+  Dklab_Realplexor.prototype.execute = function () {
+    if (this._dispatching || this._timer !== null) return this;
+    if (this._request !== null) {
+      if (this._request.identifier === this._identifier()) return this;
+      debug("subscriptions changed, reconnecting");
+      this._abort();
+    }
+    this._schedule(0);
+    return this;
+  };
+
+  Dklab_Realplexor.prototype._entry = function (id) {
+    if (!Object.prototype.hasOwnProperty.call(this._map, id)) {
+      this._map[id] = { cursor: null, callbacks: [] };
+    }
+    return this._map[id];
+  };
+
+  Dklab_Realplexor.prototype._wirePrefix = function () {
+    if (this._prefix !== null) return this._prefix;
+    return (this._login != null ? this._login + "_" : "") + this._namespace;
+  };
+
+  // "CURSOR:PREFIXid,PREFIXid2,..." for every id that has a callback; "" for none.
+  Dklab_Realplexor.prototype._identifier = function () {
+    var prefix = this._wirePrefix(), items = [];
+    for (var id in this._map) {
+      if (!Object.prototype.hasOwnProperty.call(this._map, id)) continue;
+      var entry = this._map[id];
+      if (!entry || !entry.callbacks || !entry.callbacks.length) continue;
+      var cursor = entry.cursor;
+      items.push((cursor != null && isCursor(cursor) ? cursor + ":" : "") + prefix + id);
+    }
+    return items.join(",");
+  };
+
+  Dklab_Realplexor.prototype._schedule = function (seconds) {
+    var self = this;
+    if (this._timer !== null) clearTimeout(this._timer);
+    this._timer = setTimeout(function () {
+      self._timer = null;
+      self._connect();
+    }, Math.round(seconds * 1000));
+  };
+
+  Dklab_Realplexor.prototype._abort = function () {
+    var request = this._request;
+    this._request = null;
+    if (request) {
+      clearTimeout(request.watchdog);
+      request.controller.abort();
+    }
+  };
+
+  Dklab_Realplexor.prototype._connect = function () {
+    var identifier = this._identifier();
+    if (!identifier) {
+      debug("nothing subscribed, not polling");
+      return;
+    }
+    var self = this;
+    var marker = encodeURIComponent(CONFIG.identifier);
+    var url = this._waitUrl + (this._waitUrl.indexOf("?") < 0 ? "?" : "&")
+      + marker + "=" + identifier + "&ncrnd=" + Date.now() + Math.floor(Math.random() * 1e6);
+    var options = { method: "GET", cache: "no-store", credentials: "omit", mode: "cors" };
+    if (url.length > MAX_GET_URL) {
+      url = this._waitUrl;
+      options.method = "POST";
+      options.headers = { "Content-Type": "application/x-www-form-urlencoded" };
+      options.body = marker + "=" + identifier + "\n";
+    }
+    var request = { identifier: identifier, controller: new AbortController(), watchdog: null };
+    options.signal = request.controller.signal;
+    request.watchdog = setTimeout(function () {
+      if (self._request === request) {
+        debug("no answer in time, dropping the poll");
+        self._abort();
+        self._failed(new Error("no answer within " + (CONFIG.waitTimeout + WATCHDOG_MARGIN) + " s"));
+      }
+    }, (CONFIG.waitTimeout + WATCHDOG_MARGIN) * 1000);
+    this._request = request;
+    var started = Date.now();
+    debug(options.method, identifier);
+    global.fetch(url, options).then(function (response) {
+      if (response.status !== 200) throw new Error("WAIT line answered HTTP " + response.status);
+      return response.text();
+    }).then(function (body) {
+      if (self._request !== request) return;
+      self._request = null;
+      clearTimeout(request.watchdog);
+      self._answered(body, Date.now() - started);
+    }, function (error) {
+      if (self._request !== request) return;   // aborted on purpose
+      self._request = null;
+      clearTimeout(request.watchdog);
+      self._failed(error);
+    });
+  };
+
+  Dklab_Realplexor.prototype._answered = function (body, elapsedMs) {
+    body = body.replace(/^\s+|\s+$/g, "");
+    if (!body) {
+      // The server's WAIT_TIMEOUT passed. An empty answer that comes back
+      // at once is not normal (a proxy, a server going down): back off.
+      if (elapsedMs < Math.min(1, CONFIG.waitTimeout / 2) * 1000) {
+        this._failed(new Error("empty answer after " + elapsedMs + " ms"));
+      } else {
+        this._failures = 0;
+        this._schedule(CONFIG.reconnectDelay);
+      }
+      return;
+    }
+    var parts;
+    try {
+      parts = JSON.parse(body);
+      if (!Array.isArray(parts)) throw new Error("not an array");
+    } catch (error) {
+      this._failed(new Error("unreadable answer: " + error.message));
+      return;
+    }
+    this._failures = 0;
+    this._dispatching = true;
+    try {
+      this._dispatch(parts);
+    } catch (error) {
+      report(error);   // the loop goes on whatever the answer held
+    } finally {
+      this._dispatching = false;
+    }
+    this._schedule(CONFIG.reconnectDelay);
+  };
+
+  // Delay before the next poll after the given failures in a row: doubling
+  // from FIRST_RETRY_DELAY, at most MAX_RETRY_DELAY, and the longest once
+  // JS_MAX_BOUNCES failures passed. A little jitter keeps many clients of a
+  // restarted server from coming back at the same instant.
+  function retryDelay(failures) {
+    var delay = failures > CONFIG.maxBounces ? MAX_RETRY_DELAY
+      : Math.min(MAX_RETRY_DELAY, FIRST_RETRY_DELAY * Math.pow(2, failures - 1));
+    return CONFIG.reconnectDelay + delay * (1 + Math.random() * 0.2);
+  }
+
+  Dklab_Realplexor.prototype._failed = function (error) {
+    this._failures += 1;
+    var delay = retryDelay(this._failures);
+    debug("poll failed (" + (error && error.message) + "), retry in " + delay.toFixed(2) + " s");
+    this._schedule(delay);
+  };
+
+  // Call back once per part for each subscribed id the part names, with
+  // that id's cursor; parts come ordered by cursor. A part at or before the
+  // cursor already seen on an id is not delivered twice.
+  Dklab_Realplexor.prototype._dispatch = function (parts) {
+    var prefix = this._wirePrefix();
+    for (var i = 0; i < parts.length; i++) {
+      var part = parts[i];
+      if (!part || typeof part.ids !== "object" || part.ids === null) continue;
+      for (var wireId in part.ids) {
+        if (!Object.prototype.hasOwnProperty.call(part.ids, wireId)) continue;
+        if (wireId.slice(0, prefix.length) !== prefix) continue;
+        var id = wireId.slice(prefix.length);
+        var entry = Object.prototype.hasOwnProperty.call(this._map, id) ? this._map[id] : null;
+        var cursor = String(part.ids[wireId]);
+        if (!entry || !isCursor(cursor)) continue;
+        if (entry.cursor != null && isCursor(entry.cursor) && compareCursors(cursor, entry.cursor) <= 0) continue;
+        entry.cursor = cursor;
+        var callbacks = entry.callbacks.slice();
+        for (var j = 0; j < callbacks.length; j++) {
+          // A callback unsubscribed by an earlier one is not called.
+          if (entry.callbacks.indexOf(callbacks[j]) < 0) continue;
+          this._call(callbacks[j], [part.data, id, cursor]);
+        }
+      }
+    }
+  };
+
+  Dklab_Realplexor.prototype._call = function (callback, args) {
+    if (this._caller) {
+      var failure = this._caller(callback, args);
+      if (failure != null) report(new Error(String(failure)));
+      return;
+    }
+    try {
+      callback.apply(null, args);
+    } catch (error) {
+      report(error);
+    }
+  };
+
+  // The bridge for pages that still use the original client: it loads the
+  // IFRAME page from the server and calls, inside it,
+  // Dklab_Realplexor_Loader.execute(map, callAndReturnException, prefix),
+  // where map is that page's own { id: { cursor, callbacks } }.
+  var bridge = null;
+  var Loader = {
+    execute: function (map, caller, prefix) {
+      if (!bridge) bridge = new Dklab_Realplexor(global.location ? global.location.href : "/");
+      bridge._map = map;
+      bridge._caller = typeof caller === "function" ? caller : null;
+      bridge._prefix = prefix == null ? "" : String(prefix);
+      bridge.execute();
+    }
+  };
+
+  global.Dklab_Realplexor = Dklab_Realplexor;
+  global.Dklab_Realplexor_Loader = Loader;
+  if (typeof module === "object" && module && module.exports) module.exports = Dklab_Realplexor;
+})(typeof window !== "undefined" ? window : this);
