@@ -295,3 +295,146 @@ def server(tmp_path_factory):
 def cid():
     """A channel id prefix unique to the test, so tests sharing a server stay apart."""
     return "t" + uuid.uuid4().hex[:10] + "_"
+
+
+def write_users_file(path: Path, users: dict[str, str], anonymous: bool = False) -> Path:
+    """An htpasswd users file with bcrypt hashes; a ``:`` line if ``anonymous``."""
+    from passlib.apache import HtpasswdFile
+
+    file = HtpasswdFile(default_scheme="bcrypt")
+    for login, password in users.items():
+        file.set_password(login, password)
+    text = file.to_string().decode()
+    path.write_text(text + (":\n" if anonymous else ""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    """A server whose USERS_FILE knows ``alice:secret`` and no guests."""
+    base = tmp_path_factory.mktemp("rplauth")
+    users = write_users_file(base / "users.htpasswd", {"alice": "secret"})
+    running = start_server(write_config(base / "realplexor.toml", USERS_FILE=str(users),
+                                        OFFLINE_TIMEOUT=1, WAIT_TIMEOUT=30))
+    yield running
+    running.stop()
+
+
+class FakeInLine:
+    """A stand-in IN line that records requests and answers each with canned bytes.
+
+    A request counts as complete at its ``Content-Length`` or at end of
+    input. ``reply=None`` never answers (the connection stays open until
+    the client gives up).
+    """
+
+    def __init__(self, reply: bytes | None, port: int = 0, tls=None):
+        self.reply = reply
+        self.tls = tls
+        self.requests: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            try:
+                conn.settimeout(TIMEOUT)
+                if self.tls is not None:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                self.requests.append(self._read_request(conn))
+                if self.reply is None:
+                    self._stop.wait(TIMEOUT)
+                else:
+                    conn.sendall(self.reply)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    @staticmethod
+    def _read_request(conn: socket.socket) -> bytes:
+        buf = b""
+        while True:
+            head, sep, body = buf.partition(b"\r\n\r\n")
+            if sep:
+                match = re.search(rb"content-length: *(\d+)", head, re.I)
+                if match and len(body) >= int(match.group(1)):
+                    return buf
+            chunk = conn.recv(65536)
+            if not chunk:
+                return buf
+            buf += chunk
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        self._thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def fake_in_line():
+    """Start FakeInLine servers: ``fake_in_line(reply_bytes, port=0, tls=None)``."""
+    started: list[FakeInLine] = []
+
+    def factory(reply: bytes | None, port: int = 0, tls=None) -> FakeInLine:
+        fake = FakeInLine(reply, port, tls)
+        started.append(fake)
+        return fake
+
+    yield factory
+    for fake in started:
+        fake.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for refused connections)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 and localhost: (cert path, key path)."""
+    base = tmp_path_factory.mktemp("tls")
+    cert, key = base / "cert.pem", base / "key.pem"
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                        "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot make a test certificate with openssl: {exc}")
+    return cert, key
+
+
+@pytest.fixture
+def port_443(tls_files, fake_in_line):
+    """A TLS FakeInLine on 127.0.0.1:443 answering ONLINE with one line; skips if 443 is unavailable."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*tls_files)
+    reply = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\nsecure_a 1\n"
+    try:
+        return fake_in_line(reply, port=443, tls=context)
+    except OSError as exc:
+        pytest.skip(f"cannot listen on 127.0.0.1:443: {exc}")
+
+
+def wait_parts(response: Response) -> list:
+    """The JSON parts of a WAIT answer (after the leading space); [] for a timeout."""
+    import json
+
+    assert response.status == 200, response.raw
+    assert response.body.startswith(b" \r\n"), response.body[:20]
+    rest = response.body[3:]
+    return json.loads(rest) if rest.strip() else []

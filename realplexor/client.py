@@ -1,0 +1,297 @@
+"""A client of Realplexor's IN line, for Python back ends.
+
+    from realplexor.client import Realplexor
+
+    rpl = Realplexor("127.0.0.1", 10010, namespace="demo_")
+    rpl.send(["Alpha", "Beta"], {"text": "hello"})
+    rpl.send({"Alpha": cursor}, "at a cursor of my own")
+    rpl.send("Alpha", "only for friends", show_only_for_ids=["friends"])
+    rpl.online()                  # ["Alpha", ...]
+    rpl.online_with_counters()    # {"Alpha": 2, ...}
+    rpl.watch(None)               # [WatchEvent("FAKE", 12, "FAKE")]: start from 12
+    rpl.watch(12)                 # [WatchEvent("online", 13, "Alpha"), ...]
+
+Each request is one TCP connection (TLS on port 443), so one client
+object may be shared by threads. It uses the standard ``socket`` module
+looked up at call time: after ``gevent.monkey.patch_all()`` it is
+cooperative, or pass ``connect=gevent.socket.create_connection``.
+
+This module needs nothing but the standard library (simplejson is used
+when installed), so it can be copied alone into a back end.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import ssl as _ssl
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Callable, Iterable, Mapping, Union
+
+try:
+    import simplejson as _json
+except ImportError:  # pragma: no cover - simplejson is installed with the server
+    import json as _json  # type: ignore[no-redef]
+
+__all__ = ["Realplexor", "RealplexorError", "WatchEvent"]
+
+#: A cursor as the server sends it (a decimal string), or a small integer.
+Cursor = Union[str, int, Decimal]
+#: One id, a list of ids, or a map of id to cursor (None: the server picks).
+Ids = Union[str, Iterable[str], Mapping[str, Union[Cursor, None]]]
+#: Opens a TCP connection: ``connect((host, port), timeout)``.
+Connect = Callable[[tuple[str, int], float], socket.socket]
+
+_ID_RE = re.compile(r"[A-Za-z0-9_]+\Z")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_]*\Z")
+_LOGIN_RE = re.compile(r"[A-Za-z0-9]+\Z")
+_PASSWORD_BAD_RE = re.compile(r"[\s&;\"'<>]")
+_CURSOR_RE = re.compile(r"\d+(?:\.\d+)?\Z")
+_STATUS_RE = re.compile(r"HTTP/\d+\.\d+ +(\d{3})(?: +(.*))?\Z")
+_WATCH_LINE_RE = re.compile(r"(\w+)\s+(\d+):(\S+)\Z")
+_ONLINE_LINE_RE = re.compile(r"(\S+)\s+(\d+)\Z")
+_RECV_SIZE = 65536
+
+
+class RealplexorError(Exception):
+    """The server refused a request, or could not be reached.
+
+    ``reason`` is the server's one-line reason (or what went wrong on the
+    way); ``status`` the HTTP status of the answer, None when there was none.
+    """
+
+    def __init__(self, reason: str, status: int | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+    def __repr__(self) -> str:
+        return f"RealplexorError({self.reason!r}, {self.status!r})"
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One WATCH answer line: a channel went ``online`` or ``offline`` at ``pos``.
+
+    ``event == "FAKE"`` (id ``"FAKE"``) only names the current position,
+    for a watcher that asked without one.
+    """
+
+    event: str
+    pos: int
+    id: str
+
+
+class Realplexor:
+    """Publishes to and queries one Realplexor server over its IN line.
+
+    ``namespace`` is prepended to every id sent (targets, limiters,
+    prefixes) and stripped from the ids returned. ``identifier`` is the
+    server's IDENTIFIER word. ``timeout`` bounds connecting and each read
+    or write, in seconds. TLS is used when ``port`` is 443 or an
+    ``ssl_context`` is given.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 10010, namespace: str = "",
+                 identifier: str = "identifier", timeout: float = 30.0, *,
+                 connect: Connect | None = None, ssl_context: _ssl.SSLContext | None = None):
+        self.host = host
+        self.port = int(port)
+        self.namespace = namespace or ""
+        self.identifier = identifier
+        self.timeout = timeout
+        self._connect = connect
+        self._ssl_context = ssl_context
+        self._credentials = ""
+        if self.namespace and not _PREFIX_RE.match(self.namespace):
+            raise ValueError(f"invalid namespace {self.namespace!r}: use letters, digits and _ only")
+
+    def logon(self, login: str, password: str) -> None:
+        """Send the following requests as ``login`` of the server's USERS_FILE.
+
+        A logged-in client may only touch ids prefixed ``LOGIN_``.
+        """
+        if not _LOGIN_RE.match(login):
+            raise ValueError(f"invalid login {login!r}: it must be alphanumeric")
+        if _PASSWORD_BAD_RE.search(password):
+            raise ValueError(f"invalid password for login {login}: "
+                             "it cannot contain spaces or any of &;\"'<>")
+        self._credentials = f"{login}:{password}@"
+
+    def send(self, ids_or_ids_to_cursors: Ids, data: Any,
+             show_only_for_ids: str | Iterable[str] | None = None) -> None:
+        """Publish ``data`` (anything JSON can encode) to channels.
+
+        ``ids_or_ids_to_cursors`` is an id, a list of ids, or a map of id
+        to cursor (None lets the server pick one). With
+        ``show_only_for_ids``, only listeners that also listen to one of
+        those ids receive the message.
+        """
+        payload = _json.dumps(data, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        items = []
+        if isinstance(ids_or_ids_to_cursors, Mapping):
+            for channel, cursor in ids_or_ids_to_cursors.items():
+                full = self._channel_id(channel)
+                items.append(full if cursor is None else f"{_cursor_text(cursor)}:{full}")
+        else:
+            items.extend(self._channel_id(channel) for channel in _as_list(ids_or_ids_to_cursors))
+        items.extend("*" + self._channel_id(channel) for channel in _as_list(show_only_for_ids))
+        if not items:
+            raise ValueError("no channel ids to send to")
+        self._request(",".join(items), payload)
+
+    def online(self, prefixes: str | Iterable[str] | None = None) -> list[str]:
+        """Ids of the channels online now, optionally only those under ``prefixes``."""
+        return list(self.online_with_counters(prefixes))
+
+    def online_with_counters(self, prefixes: str | Iterable[str] | None = None) -> dict[str, int]:
+        """Online channels and their numbers of open listeners.
+
+        A count is 0 while a channel only waits out its offline timeout.
+        """
+        counters = {}
+        for line in self._command_lines(" ".join(["ONLINE", *self._prefixes(prefixes)])):
+            match = _ONLINE_LINE_RE.match(line)
+            if match is None:
+                raise RealplexorError(f"cannot parse the ONLINE answer line {line!r}")
+            counters[self._strip(match.group(1))] = int(match.group(2))
+        return counters
+
+    def watch(self, from_pos: int | str | None,
+              prefixes: str | Iterable[str] | None = None) -> list[WatchEvent]:
+        """Channels that went online or offline after ``from_pos``, oldest first.
+
+        Each id appears once, with its latest transition. Without a
+        position (None) the answer is one ``FAKE`` event naming the
+        current position: watch from there.
+        """
+        words = ["WATCH"]
+        if from_pos is not None and str(from_pos).isdigit():
+            words += [str(from_pos), *self._prefixes(prefixes)]
+        events = []
+        for line in self._command_lines(" ".join(words)):
+            match = _WATCH_LINE_RE.match(line)
+            if match is None:
+                raise RealplexorError(f"cannot parse the WATCH answer line {line!r}")
+            event, pos, channel = match.groups()
+            events.append(WatchEvent(event, int(pos), channel if event == "FAKE" else self._strip(channel)))
+        return events
+
+    def stats(self) -> str:
+        """The server's human-readable state dump (not for logged-in clients)."""
+        return self._request("", b"STATS\n")
+
+    def _channel_id(self, channel: str) -> str:
+        full = self.namespace + str(channel)
+        if not isinstance(channel, (str, int)) or not _ID_RE.match(full):
+            raise ValueError(f"invalid channel id {full!r}: use letters, digits and _ only")
+        return full
+
+    def _prefixes(self, prefixes: str | Iterable[str] | None) -> list[str]:
+        given = _as_list(prefixes)
+        if self.namespace and not given:
+            given = [""]
+        result = []
+        for prefix in given:
+            full = self.namespace + prefix
+            if not _PREFIX_RE.match(full):
+                raise ValueError(f"invalid id prefix {full!r}: use letters, digits and _ only")
+            if full:
+                result.append(full)
+        return result
+
+    def _strip(self, channel: str) -> str:
+        if self.namespace and channel.startswith(self.namespace):
+            return channel[len(self.namespace):]
+        return channel
+
+    def _command_lines(self, command: str) -> list[str]:
+        body = self._request("", (command + "\n").encode("ascii"))
+        return [line.strip() for line in body.splitlines() if line.strip()]
+
+    def _request(self, items: str, body: bytes) -> str:
+        """Send one request; the body of the 200 answer, else RealplexorError."""
+        head = (f"POST / HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+                f"X-Realplexor: {self.identifier}={self._credentials}{items}\r\n\r\n")
+        where = f"{self.host}:{self.port}"
+        try:
+            sock = self._open()
+        except OSError as exc:
+            raise RealplexorError(f"cannot connect to Realplexor at {where}: {exc}") from exc
+        try:
+            with sock:
+                sock.sendall(head.encode("latin-1") + body)
+                if not isinstance(sock, _ssl.SSLSocket):
+                    # Old servers act on end of input; this one also on
+                    # Content-Length. Half-closing would drop TLS state.
+                    try:
+                        sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass  # the server may have answered and closed already
+                reply = _read_to_eof(sock)
+        except OSError as exc:
+            raise RealplexorError(f"request to Realplexor at {where} failed: {exc}") from exc
+        return _reply_body(reply, where)
+
+    def _open(self) -> socket.socket:
+        connect = self._connect or socket.create_connection
+        sock = connect((self.host, self.port), self.timeout)
+        sock.settimeout(self.timeout)
+        if self._ssl_context is not None or self.port == 443:
+            context = self._ssl_context or _ssl.create_default_context()
+            try:
+                sock = context.wrap_socket(sock, server_hostname=self.host)
+            except BaseException:
+                sock.close()
+                raise
+        return sock
+
+
+def _as_list(value: str | Iterable[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (str, int)):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
+def _cursor_text(cursor: Cursor) -> str:
+    if isinstance(cursor, float):
+        raise TypeError("a float cannot hold a cursor exactly: pass the server's cursor string")
+    text = str(cursor)
+    if not _CURSOR_RE.match(text):
+        raise ValueError(f"invalid cursor {text!r}: expected DIGITS[.DIGITS]")
+    return text
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        chunk = sock.recv(_RECV_SIZE)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _reply_body(reply: bytes, where: str) -> str:
+    """Check a raw IN-line reply; its body for a 200, else RealplexorError."""
+    if not reply:
+        raise RealplexorError(f"no HTTP response from Realplexor at {where} (empty reply)")
+    head, sep, body = reply.partition(b"\r\n\r\n")
+    if not sep:
+        head, sep, body = reply.partition(b"\n\n")
+    lines = head.decode("latin-1").splitlines()
+    status_line = lines[0].strip() if lines else ""
+    match = _STATUS_RE.match(status_line)
+    if match is None:
+        raise RealplexorError(f"no HTTP response from Realplexor at {where}; got {reply[:200]!r}")
+    status = int(match.group(1))
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length" and value.strip() != str(len(body)):
+            raise RealplexorError(f"bad answer from Realplexor at {where}: Content-Length is "
+                                  f"{value.strip()}, but the body has {len(body)} bytes", status)
+    text = body.decode("utf-8", "replace")
+    if status != 200:
+        raise RealplexorError(text.strip() or status_line, status)
+    return text

@@ -1,0 +1,377 @@
+"""The Python client (realplexor.client) against a real server.
+
+Checks what a user sees: WAIT listeners receiving the data, ONLINE/WATCH
+answers and error reasons; plus use from threads and gevent greenlets.
+"""
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port, wait_parts
+from realplexor.client import Realplexor, RealplexorError, WatchEvent
+
+OK = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 0\r\n\r\n"
+
+
+def client(server, namespace: str = "", **kwargs) -> Realplexor:
+    return Realplexor("127.0.0.1", server.in_port, namespace, timeout=10, **kwargs)
+
+
+def test_send_to_a_list_of_ids_reaches_listeners(server, cid):
+    alpha = server.listen(f"{cid}Alpha")
+    beta = server.listen(f"{cid}Beta")
+    client(server, cid).send(["Alpha", "Beta"], {"text": "héllo", "n": [1, 2.5, None, True]})
+    for poll, channel in ((alpha, "Alpha"), (beta, "Beta")):
+        parts = wait_parts(poll.response())
+        assert [p["data"] for p in parts] == [{"text": "héllo", "n": [1, 2.5, None, True]}]
+        assert list(parts[0]["ids"]) == [f"{cid}{channel}"]
+
+
+def test_one_send_to_several_listened_ids_is_one_part(server, cid):
+    poll = server.listen(f"{cid}a,{cid}b")
+    client(server).send((f"{cid}{x}" for x in "ab"), "both")
+    parts = wait_parts(poll.response())
+    assert len(parts) == 1 and parts[0]["data"] == "both"
+    assert parts[0]["ids"][f"{cid}a"] == parts[0]["ids"][f"{cid}b"]
+
+
+def test_send_to_a_single_id_string(server, cid):
+    poll = server.listen(f"{cid}one")
+    client(server, cid).send("one", 42)
+    assert [p["data"] for p in wait_parts(poll.response())] == [42]
+
+
+def test_send_with_cursors_keeps_them_exactly(server, cid):
+    rpl = client(server, cid)
+    rpl.send({"a": "1732486800.12345678901234"}, "x")
+    rpl.send({"a": Decimal("1732486800.12345678901235")}, "y")
+    rpl.send({"b": 7, "c": None}, "seven")
+    parts = wait_parts(server.poll(f"identifier=1732486800.12345678901234:{cid}a").response())
+    assert [(p["data"], p["ids"]) for p in parts] == [("y", {f"{cid}a": "1732486800.12345678901235"})]
+    parts = wait_parts(server.poll(f"identifier=0:{cid}b,0:{cid}c").response())
+    assert [p["data"] for p in parts] == ["seven"]
+    assert parts[0]["ids"][f"{cid}b"] == "7"
+    assert float(parts[0]["ids"][f"{cid}c"]) > 1e9
+
+
+def test_data_with_decimals_and_nesting(server, cid):
+    poll = server.listen(f"{cid}a")
+    client(server, cid).send("a", {"price": Decimal("1.10"), "tags": ("x", "y"), "quote": "</script>\"'"})
+    assert wait_parts(poll.response())[0]["data"] == {"price": 1.1, "tags": ["x", "y"], "quote": "</script>\"'"}
+
+
+def test_show_only_for_ids_limits_the_listeners(server, cid):
+    plain = server.listen(f"{cid}a")
+    friend = server.listen(f"{cid}a,{cid}friends")
+    friends_only = server.listen(f"{cid}friends")
+    rpl = client(server, cid)
+    rpl.send(["a"], "secret", show_only_for_ids=["friends"])
+    assert [p["data"] for p in wait_parts(friend.response())] == ["secret"]
+    assert not plain.has_ended(0.3)
+    assert not friends_only.has_ended(0.1)
+    rpl.send("a", "public", show_only_for_ids=None)
+    assert [p["data"] for p in wait_parts(plain.response())] == ["public"]
+
+
+def test_online_strips_the_namespace(server, cid):
+    server.listen(f"{cid}Alpha")
+    server.listen(f"{cid}Alpha,{cid}Beta")
+    server.listen(f"other{cid}x")
+    rpl = client(server, cid)
+    assert rpl.online() == ["Alpha", "Beta"]
+    assert rpl.online_with_counters() == {"Alpha": 2, "Beta": 1}
+
+
+def test_online_with_prefixes(server, cid):
+    server.listen(f"{cid}Alpha,{cid}Beta,{cid}Bravo")
+    rpl = client(server, cid)
+    assert rpl.online(["B"]) == ["Beta", "Bravo"]
+    assert rpl.online_with_counters("Al") == {"Alpha": 1}
+    assert rpl.online(["X"]) == []
+
+
+def test_online_without_namespace(server, cid):
+    server.listen(f"{cid}a")
+    rpl = client(server)
+    assert rpl.online([cid]) == [f"{cid}a"]
+    assert f"{cid}a" in rpl.online()
+
+
+def test_watch_reports_online_and_offline(server, cid):
+    rpl = client(server, cid)
+    (fake,) = rpl.watch(None)
+    assert fake.event == "FAKE" and fake.id == "FAKE" and isinstance(fake.pos, int)
+    poll = server.listen(f"{cid}a")
+    events = rpl.watch(fake.pos)
+    assert [(e.event, e.id) for e in events] == [("online", "a")]
+    assert events[0].pos > fake.pos
+    poll.close()
+    events = server.wait_until(lambda: [e for e in rpl.watch(fake.pos) if e.event == "offline"])
+    assert [(e.event, e.id) for e in events] == [("offline", "a")]
+    assert rpl.watch(events[0].pos) == []
+
+
+def test_watch_with_prefixes(server, cid):
+    rpl = client(server, cid)
+    start = rpl.watch(None)[0].pos
+    server.listen(f"{cid}Alpha,{cid}Beta")
+    assert [(e.event, e.id) for e in rpl.watch(start, ["B"])] == [("online", "Beta")]
+    assert [(e.event, e.id) for e in rpl.watch(str(start), "A")] == [("online", "Alpha")]
+
+
+def test_watch_event_is_a_frozen_value():
+    event = WatchEvent("online", 3, "a")
+    assert event == WatchEvent("online", 3, "a")
+    with pytest.raises(AttributeError):
+        event.pos = 4  # type: ignore[misc]
+
+
+def test_stats_is_text(server, cid):
+    server.listen(f"{cid}a")
+    assert f"{cid}a" in client(server).stats()
+
+
+def test_logon_publishes_under_the_login_prefix(auth_server, cid):
+    own = auth_server.listen(f"alice_{cid}a")
+    foreign = auth_server.listen(f"{cid}a")
+    rpl = client(auth_server)
+    rpl.logon("alice", "secret")
+    rpl.send([f"alice_{cid}a", f"{cid}a"], "hi")
+    assert [p["data"] for p in wait_parts(own.response())] == ["hi"]
+    assert not foreign.has_ended(0.3)
+
+
+def test_logon_with_a_namespace_sees_only_its_ids(auth_server, cid):
+    auth_server.listen(f"alice_{cid}a,{cid}b")
+    rpl = client(auth_server, f"alice_{cid}")
+    rpl.logon("alice", "secret")
+    assert rpl.online_with_counters() == {"a": 1}
+    assert [(e.event, e.id) for e in rpl.watch(0)] == [("online", "a")]
+    with pytest.raises(RealplexorError) as caught:
+        rpl.stats()
+    assert caught.value.status == 403 and "STATS" in caught.value.reason
+
+
+@pytest.mark.parametrize("login, password, reason", [
+    ("mallory", "secret", "unknown login: mallory"),
+    ("alice", "wrong", "invalid password for login: alice"),
+    (None, None, "access denied for guest user"),
+])
+def test_refused_credentials_raise_the_servers_reason(auth_server, cid, login, password, reason):
+    poll = auth_server.listen(f"alice_{cid}a")
+    rpl = client(auth_server)
+    if login:
+        rpl.logon(login, password)
+    with pytest.raises(RealplexorError) as caught:
+        rpl.send(f"alice_{cid}a", "x")
+    assert (caught.value.reason, caught.value.status) == (reason, 403)
+    assert str(caught.value) == reason
+    assert not poll.has_ended(0.3)
+    with pytest.raises(RealplexorError, match=reason):
+        rpl.online()
+
+
+def test_connection_refused_names_the_address():
+    port = free_port()
+    with pytest.raises(RealplexorError) as caught:
+        Realplexor("127.0.0.1", port, timeout=5).send("a", 1)
+    assert f"127.0.0.1:{port}" in caught.value.reason
+    assert "refused" in caught.value.reason.lower()
+    assert caught.value.status is None
+
+
+def test_custom_identifier_word(server_factory, cid):
+    custom = server_factory(IDENTIFIER="rplid")
+    poll = custom.poll(f"rplid={cid}a")
+    poll.headers_arrived()
+    Realplexor("127.0.0.1", custom.in_port, identifier="rplid", timeout=10).send(f"{cid}a", "custom")
+    assert [p["data"] for p in wait_parts(poll.response())] == ["custom"]
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda r: r.send(["bad-id"], 1), ValueError, "invalid channel id 'bad-id'"),
+    (lambda r: r.send({"a": "soon"}, 1), ValueError, "invalid cursor 'soon'"),
+    (lambda r: r.send({"a": 1.5}, 1), TypeError, "float"),
+    (lambda r: r.send([], 1), ValueError, "no channel ids"),
+    (lambda r: r.send("a", float("nan")), ValueError, "not JSON compliant"),
+    (lambda r: r.send("a", object()), TypeError, "not JSON serializable"),
+    (lambda r: r.online(["no-dash"]), ValueError, "invalid id prefix"),
+    (lambda r: r.logon("bad login", "x"), ValueError, "invalid login"),
+    (lambda r: r.logon("bob", "two words"), ValueError, "invalid password"),
+], ids=["bad id", "bad cursor", "float cursor", "no ids", "nan", "not json", "bad prefix",
+        "bad login", "bad password"])
+def test_bad_arguments_raise_before_sending(fake_in_line, call, error, message):
+    fake = fake_in_line(OK)
+    with pytest.raises(error, match=message):
+        call(Realplexor("127.0.0.1", fake.port, timeout=5))
+    assert fake.requests == []
+
+
+def test_request_on_the_wire(fake_in_line):
+    fake = fake_in_line(OK)
+    rpl = Realplexor("127.0.0.1", fake.port, "ns_", timeout=5)
+    rpl.logon("bob", "pw")
+    rpl.send({"a": None, "b": "12.5"}, {"k": "v"}, ["f"])
+    assert fake.requests == [b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 9\r\n"
+                             b"X-Realplexor: identifier=bob:pw@ns_a,12.5:ns_b,*ns_f\r\n\r\n"
+                             b'{"k":"v"}']
+
+
+@pytest.mark.parametrize("reply, message, status", [
+    (b"", "no HTTP response", None),
+    (b"garbage\r\n\r\n", "no HTTP response", None),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\nabc", "Content-Length is 10, but the body has 3 bytes", 200),
+    (b"HTTP/1.0 400 Bad Request\r\nContent-Length: 11\r\n\r\nbad things\n", "^bad things$", 400),
+])
+def test_bad_or_failed_answers_raise(fake_in_line, reply, message, status):
+    fake = fake_in_line(reply)
+    with pytest.raises(RealplexorError, match=message) as caught:
+        Realplexor("127.0.0.1", fake.port, timeout=5).send("a", 1)
+    assert caught.value.status == status
+
+
+def test_silent_server_times_out(fake_in_line):
+    fake = fake_in_line(None)
+    started = time.monotonic()
+    with pytest.raises(RealplexorError, match="timed out"):
+        Realplexor("127.0.0.1", fake.port, timeout=0.5).online()
+    assert time.monotonic() - started < 5
+
+
+def test_tls_with_a_context(tls_files, fake_in_line):
+    cert, key = tls_files
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    fake = fake_in_line(b"HTTP/1.0 200 OK\r\nContent-Length: 9\r\n\r\nns_a 3\n\n\n", tls=server_context)
+    rpl = Realplexor("localhost", fake.port, "ns_", timeout=5,
+                     ssl_context=ssl.create_default_context(cafile=str(cert)))
+    assert rpl.online_with_counters() == {"a": 3}
+    assert fake.requests[0].endswith(b"\r\n\r\nONLINE ns_\n")
+
+
+def test_port_443_speaks_tls(port_443, tls_files, monkeypatch):
+    cert, _ = tls_files
+    monkeypatch.setattr(ssl, "create_default_context",
+                        lambda real=ssl.create_default_context: real(cafile=str(cert)))
+    assert Realplexor("127.0.0.1", 443, "secure_", timeout=5).online() == ["a"]
+
+
+def test_untrusted_certificate_is_refused(tls_files, fake_in_line):
+    cert, key = tls_files
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    fake = fake_in_line(OK, tls=server_context)
+    rpl = Realplexor("localhost", fake.port, timeout=5, ssl_context=ssl.create_default_context())
+    with pytest.raises(RealplexorError, match="certificate"):
+        rpl.online()
+
+
+def test_one_client_shared_by_threads(server, cid):
+    count = 16
+    polls = [server.listen(f"{cid}{n}") for n in range(count)]
+    rpl = client(server, cid)
+    errors: list[BaseException] = []
+    seen: list[list[str]] = []
+
+    def work(n: int) -> None:
+        try:
+            rpl.send(str(n), {"from": n})
+            seen.append(rpl.online())
+        except BaseException as exc:  # surfaced by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    for n, poll in enumerate(polls):
+        assert [p["data"] for p in wait_parts(poll.response())] == [{"from": n}]
+    assert len(seen) == count and all(isinstance(ids, list) for ids in seen)
+
+
+def test_greenlets_with_a_gevent_connect(server, cid, fake_in_line):
+    gevent = pytest.importorskip("gevent")
+    import gevent.socket
+
+    count = 10
+    polls = [server.listen(f"{cid}{n}") for n in range(count)]
+    rpl = client(server, cid, connect=gevent.socket.create_connection)
+    jobs = [gevent.spawn(rpl.send, str(n), n) for n in range(count)]
+    gevent.joinall(jobs, timeout=30, raise_error=True)
+    for n, poll in enumerate(polls):
+        assert [p["data"] for p in wait_parts(poll.response())] == [n]
+
+    # Waits overlap: five requests to a silent server time out together.
+    silent = Realplexor("127.0.0.1", fake_in_line(None).port, timeout=1,
+                        connect=gevent.socket.create_connection)
+    started = time.monotonic()
+    jobs = [gevent.spawn(silent.online) for _ in range(5)]
+    gevent.joinall(jobs, timeout=30)
+    assert all(isinstance(job.exception, RealplexorError) for job in jobs)
+    assert time.monotonic() - started < 3.5
+
+
+MONKEY_SCRIPT = """
+from gevent import monkey
+monkey.patch_all()
+import sys, time
+import gevent
+from realplexor.client import Realplexor, RealplexorError
+
+in_port, silent_port, prefix, count = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+rpl = Realplexor("127.0.0.1", in_port, prefix, timeout=10)
+gevent.joinall([gevent.spawn(rpl.send, str(n), n) for n in range(count)], timeout=30, raise_error=True)
+print("online", ",".join(rpl.online()))
+silent = Realplexor("127.0.0.1", silent_port, timeout=1)
+started = time.monotonic()
+jobs = [gevent.spawn(silent.online) for _ in range(5)]
+gevent.joinall(jobs, timeout=30)
+print("timeouts", sum(isinstance(job.exception, RealplexorError) for job in jobs))
+print("elapsed", time.monotonic() - started)
+"""
+
+
+def test_greenlets_after_monkey_patching(server, cid, fake_in_line):
+    pytest.importorskip("gevent")
+    count = 10
+    polls = [server.listen(f"{cid}{n}") for n in range(count)]
+    silent = fake_in_line(None)
+    proc = subprocess.run([sys.executable, "-c", MONKEY_SCRIPT, str(server.in_port), str(silent.port),
+                           cid, str(count)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    for n, poll in enumerate(polls):
+        assert [p["data"] for p in wait_parts(poll.response())] == [n]
+    assert sorted(lines["online"].split(","), key=int) == [str(n) for n in range(count)]
+    assert lines["timeouts"] == "5"
+    assert float(lines["elapsed"]) < 3.5
+
+
+def test_client_module_stands_alone(server, cid, tmp_path):
+    # Copied without the server package and run without site-packages
+    # (so without simplejson): it still publishes.
+    shutil.copy(Path(ROOT, "realplexor", "client.py"), tmp_path / "client.py")
+    poll = server.listen(f"{cid}a")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import client
+        assert "realplexor" not in sys.modules and "simplejson" not in sys.modules, sorted(sys.modules)
+        client.Realplexor("127.0.0.1", {server.in_port}, {cid!r}, timeout=10).send("a", {{"alone": True}})
+    """)
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [p["data"] for p in wait_parts(poll.response())] == [{"alone": True}]
