@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -81,6 +82,7 @@ _NUMBER_MINIMUMS = {
     "JS_WAIT_RECONNECT_DELAY": 0, "MAX_MEM_MB": 0, "VERBOSITY": 0,
 }
 _WORD_OPTIONS = ("IFRAME_ID", "SCRIPT_ID", "IDENTIFIER")
+_URI_RE = re.compile(r"[A-Za-z0-9/._~%:+-]+\Z")
 
 
 def _as_text(value: Any) -> str:
@@ -162,6 +164,10 @@ def _check_ranges(config: Config) -> None:
         value = getattr(config, name)
         if not value or not all(c.isalnum() or c == "_" for c in value):
             raise ConfigError(f"option {name} must be a word of letters, digits and _, not {value!r}")
+    if not _URI_RE.match(config.JS_WAIT_URI):
+        # It is pasted into the served script and page: keep it a plain URI.
+        raise ConfigError(f"option JS_WAIT_URI must be a URI path of letters, digits and /._~%:+-, "
+                          f"not {config.JS_WAIT_URI!r}")
     try:
         "".encode(config.CHARSET)
     except LookupError:

@@ -19,6 +19,9 @@ from .protocol import (InRequest, ProtocolError, parse_in_request, render_error,
 log = logging.getLogger("realplexor.inline")
 
 RECV_SIZE = 65536
+# After an early reply: how long, and how much, to read before closing.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1024 * 1024
 
 
 class InLine:
@@ -36,15 +39,17 @@ class InLine:
     def handle(self, sock: socket.socket, address: tuple) -> None:
         """Read one request from ``sock``, serve it, reply and close."""
         try:
-            reply = self._read_and_serve(sock, address)
-            if reply is not None:
-                sock.sendall(reply)
+            reply, finished = self._read_and_serve(sock, address)
+            sock.sendall(reply)
+            if not finished:
+                _close_gently(sock)
         except OSError as exc:
             log.debug("IN %s: connection lost: %s", _peer(address), exc)
         finally:
             sock.close()
 
-    def _read_and_serve(self, sock: socket.socket, address: tuple) -> bytes | None:
+    def _read_and_serve(self, sock: socket.socket, address: tuple) -> tuple[bytes, bool]:
+        """The reply, and whether the client had finished sending (closed its side)."""
         config = self.config
         sock.settimeout(config.IN_TIMEOUT)
         buf = bytearray()
@@ -54,19 +59,19 @@ class InLine:
             except socket.timeout:
                 log.info("IN %s: idle for IN_TIMEOUT, closed", _peer(address))
                 return render_error(ProtocolError(
-                    408, f"no complete request within IN_TIMEOUT ({config.IN_TIMEOUT:g} s); nothing done"))
+                    408, f"no complete request within IN_TIMEOUT ({config.IN_TIMEOUT:g} s); nothing done")), False
             buf += chunk
             if len(buf) > config.IN_MAXLEN:
                 log.info("IN %s: request over IN_MAXLEN", _peer(address))
                 return render_error(ProtocolError(
-                    413, f"request longer than IN_MAXLEN ({config.IN_MAXLEN} bytes); nothing published"))
+                    413, f"request longer than IN_MAXLEN ({config.IN_MAXLEN} bytes); nothing published")), False
             try:
                 request = parse_in_request(buf, not chunk, config.IDENTIFIER)
             except ProtocolError as error:
                 log.info("IN %s: %s %s", _peer(address), error.status, error.reason)
-                return render_error(error)
+                return render_error(error), not chunk
             if request is not None:
-                return self.serve(request, _peer(address))
+                return self.serve(request, _peer(address)), not chunk
 
     def serve(self, request: InRequest, peer: str = "-") -> bytes:
         """Authenticate and carry out one parsed request; the reply bytes."""
@@ -129,6 +134,26 @@ def _scoped(principal: Principal, prefixes: Sequence[str]) -> Sequence[str] | No
         return prefixes
     own = [p for p in prefixes if p.startswith(principal.prefix)]
     return own or None
+
+
+def _close_gently(sock: socket.socket) -> None:
+    """Let the client read the reply before the connection goes.
+
+    Closing with unread input makes the kernel reset the connection, and
+    the client may lose the reply (a 413 above all). Say we are done,
+    then read and drop what still comes, for a little while.
+    """
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(LINGER_SECONDS)
+    drained = 0
+    try:
+        while drained < LINGER_BYTES:
+            chunk = sock.recv(RECV_SIZE)
+            if not chunk:
+                return
+            drained += len(chunk)
+    except OSError:
+        pass
 
 
 def _peer(address: tuple) -> str:

@@ -48,6 +48,7 @@ def test_relative_files_are_relative_to_the_config_file(tmp_path):
     ({"IDENTIFIER": "a b"}, "IDENTIFIER must be a word"),
     ({"CHARSET": "klingon"}, "unknown charset"),
     ({"CHARSET": 5}, "CHARSET must be a string"),
+    ({"JS_WAIT_URI": '/a"b'}, "JS_WAIT_URI must be a URI path"),
 ])
 def test_validation_errors_name_the_key(raw, message):
     with pytest.raises(ConfigError) as caught:

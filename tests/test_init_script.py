@@ -12,16 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TIMEOUT, RunningServer
+from conftest import free_port, ROOT, TIMEOUT, RunningServer
 
 SCRIPT = ROOT / "contrib" / "init" / "realplexor"
 pytestmark = pytest.mark.skipif(shutil.which("setsid") is None, reason="needs setsid (util-linux)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Service:

@@ -14,13 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TIMEOUT, RunningServer, spawn, start_server, write_config
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from conftest import free_port, TIMEOUT, RunningServer, spawn, start_server, write_config
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
