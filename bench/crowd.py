@@ -227,8 +227,16 @@ class CrowdClients:
 
     def call(self, name: str, per_client: list[dict], timeout: float) -> list:
         """Run ``name`` on every client at once, with its own keyword arguments."""
+        self.begin(name, per_client)
+        return self.results(name, timeout)
+
+    def begin(self, name: str, per_client: list[dict]) -> None:
+        """Start ``name`` on every client; collect with :meth:`results`."""
         for conn, kwargs in zip(self._conns, per_client):
             conn.send((name, kwargs))
+
+    def results(self, name: str, timeout: float) -> list:
+        """Each client's result of the ``name`` started by :meth:`begin`."""
         results = []
         deadline = time.monotonic() + timeout
         for conn in self._conns:
