@@ -1,16 +1,22 @@
 """Top functions of a py-spy profile, by own and by total samples.
 
 Reads py-spy's raw (collapsed stack) output: one line per distinct stack,
-``root;caller;...;leaf COUNT``. A function's *own* samples are those where
-it was the running frame; its *total* samples are those where it was
-anywhere on the stack (counted once per stack).
+``root;caller;...;leaf COUNT``, each frame ``function (file:line)``. A
+function's *own* samples are those where it was the running frame; its
+*total* samples are those where it was anywhere on the stack (counted
+once per stack). Frames are merged per function unless ``--lines``.
 
-    py-spy record --format raw --function -p PID -o profile.txt -d 30
-    python bench/pyspy_top.py profile.txt --top 15
+Code compiled to C (gevent's Cython modules such as its Event and hub
+loop, and the interpreter's garbage collector) has no Python frame: its
+time shows as own time of the Python function that called into it.
+
+    py-spy record --format raw --nonblocking -p PID -o profile.txt -d 30
+    python bench/pyspy_top.py profile.txt [more.txt ...] --top 15 [--lines]
 """
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import signal
 import subprocess
@@ -20,15 +26,23 @@ from collections import Counter
 from pathlib import Path
 
 SAMPLE_RATE = 250
+_LINE_RE = re.compile(r":\d+\)$")
 
 
-def read_stacks(path: Path) -> list[tuple[list[str], int]]:
-    """The stacks of a raw py-spy profile with their sample counts."""
+def read_stacks(paths: list[Path], lines: bool = False) -> list[tuple[list[str], int]]:
+    """The stacks of raw py-spy profiles with their sample counts.
+
+    Unless ``lines``, the line numbers are dropped so frames name functions.
+    """
     stacks = []
-    for line in path.read_text().splitlines():
-        frames, _, count = line.rpartition(" ")
-        if frames and count.isdigit():
-            stacks.append((frames.split(";"), int(count)))
+    for path in paths:
+        for line in path.read_text().splitlines():
+            frames, _, count = line.rpartition(" ")
+            if frames and count.isdigit():
+                names = frames.split(";")
+                if not lines:
+                    names = [_LINE_RE.sub(")", name) for name in names]
+                stacks.append((names, int(count)))
     return stacks
 
 
@@ -45,11 +59,11 @@ def tally(stacks: list[tuple[list[str], int]]) -> tuple[Counter, Counter, int]:
     return own, total, samples
 
 
-def summary(path: Path, top: int = 15) -> str:
-    """The top-``top`` functions by own and by total samples, as text."""
-    own, total, samples = tally(read_stacks(path))
+def summary(paths: list[Path], top: int = 15, lines: bool = False) -> str:
+    """The top-``top`` functions (or lines) of profiles, by own and by total samples."""
+    own, total, samples = tally(read_stacks(paths, lines))
     if not samples:
-        return f"{path}: no samples\n"
+        return "no samples\n"
     lines = [f"{samples} samples (CPU only, idle excluded)", "",
              f"top {top} by own samples:", "   own%  total%  function"]
     for frame, count in own.most_common(top):
@@ -72,7 +86,7 @@ class Recorder:
     def __init__(self, pid: int, output: Path, rate: int = SAMPLE_RATE):
         self.output = output
         self.process = subprocess.Popen(
-            [py_spy_command(), "record", "--format", "raw", "--function", "--nonblocking",
+            [py_spy_command(), "record", "--format", "raw", "--nonblocking",
              "--rate", str(rate), "--pid", str(pid), "--output", str(output)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         time.sleep(1.0)  # let it attach before the work starts
@@ -92,10 +106,11 @@ class Recorder:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("profile", type=Path, help="py-spy raw output")
+    parser.add_argument("profiles", type=Path, nargs="+", help="py-spy raw output files")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--lines", action="store_true", help="rank lines, not functions")
     args = parser.parse_args()
-    sys.stdout.write(summary(args.profile, args.top))
+    sys.stdout.write(summary(args.profiles, args.top, args.lines))
 
 
 if __name__ == "__main__":

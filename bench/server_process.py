@@ -68,10 +68,12 @@ class ServerProcess:
 
     Use it as a context manager: the process is stopped (SIGTERM, then
     SIGKILL) on exit. Its log is drained on a thread, and the last lines
-    are kept for error messages.
+    are kept for error messages. With ``gc_log`` the server runs under
+    ``gc_trace.py``, which logs its garbage collections to that file.
     """
 
-    def __init__(self, **options):
+    def __init__(self, gc_log: Path | None = None, **options):
+        self.gc_log = gc_log
         self.options = {"WAIT_ADDR": ["127.0.0.1:0"], "IN_ADDR": ["127.0.0.1:0"],
                         "VERBOSITY": 1, **options}
         self.process: subprocess.Popen | None = None
@@ -97,8 +99,12 @@ class ServerProcess:
         """Write the configuration, start the process and wait for both lines."""
         config = Path(self._tmp.name) / "realplexor.toml"
         config.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in self.options.items()))
+        if self.gc_log is None:
+            command = [sys.executable, "-m", "realplexor"]
+        else:
+            command = [sys.executable, str(Path(__file__).with_name("gc_trace.py")), str(self.gc_log)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "realplexor", "--config", str(config)],
+            command + ["--config", str(config)],
             cwd=_REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE)
         threading.Thread(target=self._drain_log, daemon=True).start()
@@ -134,6 +140,11 @@ class ServerProcess:
     def rss(self) -> int:
         """The server's resident set size in bytes."""
         return psutil.Process(self.pid).memory_info().rss
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system) the server has used so far."""
+        times = psutil.Process(self.pid).cpu_times()
+        return times.user + times.system
 
     def in_request(self, data: bytes, timeout: float = IO_TIMEOUT) -> bytes:
         """Send raw bytes to the IN line, half-close, and read the reply."""
