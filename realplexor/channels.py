@@ -261,8 +261,10 @@ class MemoryChannels(ChannelState):
             del queue[:overflow]
 
     def _wake(self, placed: list[tuple[str, Decimal, str]], message: _Message) -> None:
-        # One body per distinct set of reached channels: the common case
-        # (one channel, no limiter) renders once for every listener.
+        if len(placed) == 1:
+            self._wake_one_channel(*placed[0], message)
+            return
+        # One body per distinct set of reached channels.
         bodies: dict[tuple[str, ...], bytes] = {}
         for channel_id, cursor, _ in placed:
             channel = self._channels[channel_id]
@@ -278,6 +280,22 @@ class MemoryChannels(ChannelState):
                     body = bodies[reached] = render_wait_body([(ids, message.data)])
                 self.unlisten(listener)
                 listener.deliver(body)
+
+    def _wake_one_channel(self, channel_id: str, cursor: Decimal, text: str, message: _Message) -> None:
+        # The common case, kept lean: every woken listener gets the same body.
+        listeners = self._channels[channel_id].listeners
+        if message.limiters:
+            woken = [listener for listener in listeners
+                     if listener.cursors[channel_id] < cursor and message.visible_to(listener.cursors)]
+        else:
+            woken = [listener for listener in listeners if listener.cursors[channel_id] < cursor]
+        if not woken:
+            return
+        body = render_wait_body([([(channel_id, text)], message.data)])
+        unlisten = self.unlisten
+        for listener in woken:
+            unlisten(listener)
+            listener.deliver(body)
 
     # -- online and events -------------------------------------------------
 

@@ -18,7 +18,9 @@ from .wait import LongPollHandler, WaitApp
 log = logging.getLogger("realplexor")
 
 HOUSEKEEPING_INTERVAL = 0.2
-LISTEN_BACKLOG = 4096
+# The kernel caps it at net.core.somaxconn; a reconnect storm after a
+# broadcast to many polls fills a small queue at once.
+LISTEN_BACKLOG = 65535
 
 
 class StartError(Exception):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from .config import ConfigError, load_config
-from .lifecycle import configure_logging
+from .lifecycle import configure_logging, tune_gc
 from .server import Realplexor, StartError
 from .wait import WaitApp
 
@@ -24,6 +24,7 @@ def create_app(config_path: str | None) -> WaitApp:
         configure_logging(config.VERBOSITY)
         server = Realplexor(config)
         server.start(wait_line=False)
+        tune_gc()
     except (ConfigError, StartError) as exc:
         print(f"realplexor: {exc}", file=sys.stderr)
         if "in use" in str(exc):
