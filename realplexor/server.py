@@ -13,7 +13,8 @@ from .channels import ChannelState, MemoryChannels, Settings
 from .config import RESTART_ONLY, Config, ConfigError, parse_address
 from .inline import InLine
 from .pages import load_pages
-from .wait import LongPollHandler, WaitApp
+from .wait import WaitLine
+from .wait_wsgi import LongPollHandler, WaitApp
 
 log = logging.getLogger("realplexor")
 
@@ -57,7 +58,8 @@ class Realplexor:
     def __init__(self, config: Config, state: ChannelState | None = None):
         self.config = config
         self.state = state if state is not None else MemoryChannels(channel_settings(config))
-        self.wait_app = WaitApp(config, self.state, _load_pages(config))
+        self.wait_line = WaitLine(config, _load_pages(config))
+        self.wait_app = WaitApp(self.wait_line, self.state)
         self.in_line = InLine(config, self.state, load_users(config))
         self.wait_servers: list[WSGIServer] = []
         self.in_servers: list[StreamServer] = []
@@ -109,7 +111,7 @@ class Realplexor:
         # reload still reports them as pending.
         config = dataclasses.replace(config, **{name: getattr(self.config, name) for name in pending})
         self.state.reconfigure(channel_settings(config))
-        self.wait_app.reconfigure(config, pages)
+        self.wait_line.reconfigure(config, pages)
         self.in_line.reconfigure(config, users)
         self.config = config
         return pending

@@ -11,7 +11,7 @@ import sys
 from .config import ConfigError, load_config
 from .lifecycle import configure_logging, tune_gc
 from .server import Realplexor, StartError
-from .wait import WaitApp
+from .wait_wsgi import WaitApp
 
 # gunicorn treats this exit status of a worker as "failed to boot" and stops.
 WORKER_BOOT_ERROR = 3

@@ -331,14 +331,16 @@ def wsgi_app(tmp_path):
 
     from realplexor.channels import MemoryChannels
     from realplexor.config import validate
-    from realplexor.wait import WaitApp
+    from realplexor.pages import load_pages
+    from realplexor.wait import WaitLine
+    from realplexor.wait_wsgi import WaitApp
 
     script = tmp_path / "script.js"
     script.write_text("var uri = '$JS_WAIT_URI', id = '$IDENTIFIER', t = $WAIT_TIMEOUT, keep = '$UNKNOWN';\n")
     config = validate({"JS_WAIT_URI": "/rpl/", "IDENTIFIER": "ident", "WAIT_TIMEOUT": 42,
                        "SCRIPT_FILE": str(script), "WAIT_MAXLEN": 200})
     state = MemoryChannels()
-    return TestApp(WaitApp(config, state)), state
+    return TestApp(WaitApp(WaitLine(config, load_pages(config)), state)), state
 
 
 def test_wsgi_app_answers_queued_data_at_once(wsgi_app):

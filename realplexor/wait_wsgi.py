@@ -1,0 +1,156 @@
+"""The WAIT line as a WSGI application (the default engine, and gunicorn's).
+
+Each waiting request is one greenlet parked on a gevent Event; the
+channel state wakes it through :meth:`WaitListener.deliver`. The
+standalone server runs it under gevent's WSGIServer with
+:class:`LongPollHandler`; gunicorn's gevent worker runs it as is.
+"""
+from __future__ import annotations
+
+import socket
+from decimal import Decimal
+from typing import Callable, Iterable, Iterator
+
+from gevent.event import Event
+from gevent.hub import get_hub
+from gevent.pywsgi import WSGIHandler
+
+from .channels import ChannelState
+from .wait import FIRST_BYTES, Reply, WaitLine, peer_closed, wants_keep_alive
+
+StartResponse = Callable[..., object]
+_CLOSE = (("Connection", "close"),)
+_READ = 1
+
+
+class WaitListener:
+    """A parked long poll: its cursors, and the Event that wakes it."""
+
+    __slots__ = ("cursors", "body", "event")
+
+    def __init__(self, cursors: dict[str, Decimal | None]):
+        self.cursors = cursors
+        self.body: bytes | None = None
+        self.event = Event()
+
+    def deliver(self, body: bytes) -> None:
+        """Hand the body over and wake the waiting greenlet."""
+        self.body = body
+        self.event.set()
+
+
+class WaitApp:
+    """The WSGI application of the WAIT line."""
+
+    def __init__(self, line: WaitLine, state: ChannelState):
+        self.line = line
+        self.state = state
+
+    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        target = environ.get("PATH_INFO", "")
+        if environ.get("QUERY_STRING"):
+            target += "?" + environ["QUERY_STRING"]
+        result = self.line.answer(
+            environ["REQUEST_METHOD"], target,
+            lambda name: environ.get("HTTP_" + name.upper().replace("-", "_"))
+            if name != "content-length" else environ.get("CONTENT_LENGTH"),
+            environ["wsgi.input"].read)
+        if isinstance(result, Reply):
+            start_response(result.status, list(result.headers))
+            return [result.body]
+        listener = WaitListener(result.listened())
+        body = self.state.listen(listener)
+        headers = self.line.poll_headers(environ.get("HTTP_ORIGIN"))
+        if not wants_keep_alive(environ.get("SERVER_PROTOCOL", ""), environ.get("HTTP_CONNECTION")):
+            headers += _CLOSE
+        start_response("200 OK", list(headers))
+        if body is not None:
+            return [FIRST_BYTES + body]
+        return self._long_poll(listener, _client_socket(environ))
+
+    def _long_poll(self, listener: WaitListener, sock: socket.socket | None) -> Iterator[bytes]:
+        watcher = _watch_for_hangup(sock, self.state, listener) if sock is not None else None
+        try:
+            yield FIRST_BYTES
+            if not listener.event.wait(self.line.config.WAIT_TIMEOUT):
+                self.state.unlisten(listener)
+            elif listener.body is not None:
+                yield listener.body
+        finally:
+            if watcher is not None:
+                watcher.stop()
+            if listener.body is None:
+                self.state.unlisten(listener)
+
+
+def _client_socket(environ: dict) -> socket.socket | None:
+    return environ.get("realplexor.socket") or environ.get("gunicorn.socket")
+
+
+def _watch_for_hangup(sock: socket.socket, state: ChannelState, listener: WaitListener):
+    """Unregister ``listener`` as soon as its client closes the connection."""
+    raw = getattr(sock, "_sock", sock)
+    try:
+        watcher = get_hub().loop.io(raw.fileno(), _READ)
+    except (OSError, ValueError):
+        return None
+
+    def readable() -> None:
+        gone = peer_closed(raw)
+        if gone is None:
+            return
+        watcher.stop()
+        if gone and listener.body is None:
+            state.unlisten(listener)
+            listener.event.set()
+
+    watcher.start(readable)
+    return watcher
+
+
+class LongPollHandler(WSGIHandler):
+    """pywsgi's handler, tuned for connections that mostly wait.
+
+    - a 1 KB read buffer instead of 8 KB: a parked poll keeps its reader;
+    - the status line, headers and first body bytes leave in one send;
+    - a response that closes the connection is close-delimited, not
+      chunked, as raw clients of the old server read to end of file;
+    - the client socket is in the environ, to notice a client that leaves.
+    """
+
+    READ_BUFFER = 1024
+    _held: bytearray | None = None
+
+    def __init__(self, sock, address, server):  # pylint: disable=super-init-not-called
+        # pywsgi's own __init__ would allocate the 8 KB reader we avoid.
+        self.socket = sock
+        self.client_address = address
+        self.server = server
+        self.rfile = sock.makefile("rb", self.READ_BUFFER)
+
+    def get_environ(self) -> dict:
+        environ = super().get_environ()
+        environ["realplexor.socket"] = self.socket
+        return environ
+
+    def finalize_headers(self) -> None:
+        super().finalize_headers()
+        if self.close_connection and self.response_use_chunked:
+            self.response_use_chunked = False
+            self.response_headers = [(k, v) for k, v in self.response_headers
+                                     if k.lower() != b"transfer-encoding"]
+
+    def _write_with_headers(self, data: bytes) -> None:
+        self._held = bytearray()
+        try:
+            super()._write_with_headers(data)
+        finally:
+            held, self._held = self._held, None
+            if held:
+                super()._sendall(bytes(held))
+
+    def _sendall(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held += data
+        else:
+            super()._sendall(data)
