@@ -57,6 +57,7 @@ class Config:
     MAX_MEM_MB: int = 0
     SU_USER: str = ""
     CORS_ORIGINS: tuple[str, ...] = ("*",)
+    WAIT_ENGINE: str = "wsgi"
 
     def substitutions(self) -> dict[str, str]:
         """Values for ``$NAME`` placeholders in the IFRAME and SCRIPT pages."""
@@ -73,7 +74,8 @@ VERBOSE = 15
 LOG_LEVELS = {0: logging.ERROR, 1: logging.INFO, 2: VERBOSE, 3: logging.DEBUG}
 
 # Options a running server cannot take on without re-binding or re-exec.
-RESTART_ONLY = frozenset({"WAIT_ADDR", "IN_ADDR", "SU_USER", "MAX_MEM_MB"})
+RESTART_ONLY = frozenset({"WAIT_ADDR", "IN_ADDR", "SU_USER", "MAX_MEM_MB", "WAIT_ENGINE"})
+WAIT_ENGINES = ("wsgi", "lean")
 
 _NUMBER_MINIMUMS = {
     "WAIT_TIMEOUT": 0.001, "WAIT_MAXLEN": 16, "IN_TIMEOUT": 0.001,
@@ -164,6 +166,9 @@ def _check_ranges(config: Config) -> None:
         value = getattr(config, name)
         if not value or not all(c.isalnum() or c == "_" for c in value):
             raise ConfigError(f"option {name} must be a word of letters, digits and _, not {value!r}")
+    if config.WAIT_ENGINE not in WAIT_ENGINES:
+        raise ConfigError(f"option WAIT_ENGINE must be one of {', '.join(WAIT_ENGINES)}, "
+                          f"not {config.WAIT_ENGINE!r}")
     if not _URI_RE.match(config.JS_WAIT_URI):
         # It is pasted into the served script and page: keep it a plain URI.
         raise ConfigError(f"option JS_WAIT_URI must be a URI path of letters, digits and /._~%:+-, "

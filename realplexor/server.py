@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 
 import gevent
+import gevent.socket
 from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 
@@ -14,6 +16,7 @@ from .config import RESTART_ONLY, Config, ConfigError, parse_address
 from .inline import InLine
 from .pages import load_pages
 from .wait import WaitLine
+from .wait_lean import LeanWaitServer
 from .wait_wsgi import LongPollHandler, WaitApp
 
 log = logging.getLogger("realplexor")
@@ -22,10 +25,31 @@ HOUSEKEEPING_INTERVAL = 0.2
 # The kernel caps it at net.core.somaxconn; a reconnect storm after a
 # broadcast to many polls fills a small queue at once.
 LISTEN_BACKLOG = 65535
+DEFER_ACCEPT_SECONDS = 10
 
 
 class StartError(Exception):
     """The server cannot start: a port in use, an unreadable file..."""
+
+
+def listen_socket(host: str, port: int, defer_accept: bool = False) -> socket.socket:
+    """A bound, listening socket with a large backlog.
+
+    With ``defer_accept`` (Linux) a connection is accepted only once its
+    request bytes have arrived, so no greenlet waits on an empty socket.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+        if defer_accept and hasattr(socket, "TCP_DEFER_ACCEPT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def channel_settings(config: Config) -> Settings:
@@ -70,21 +94,24 @@ class Realplexor:
         try:
             if wait_line:
                 for addr in self.config.WAIT_ADDR:
-                    self.wait_servers.append(self._bind("WAIT_ADDR", addr, lambda listener: WSGIServer(
-                        listener, self.wait_app, handler_class=LongPollHandler,
-                        log=None, error_log=logging.getLogger("realplexor.wsgi"),
-                        backlog=LISTEN_BACKLOG)))
+                    self.wait_servers.append(self._bind("WAIT_ADDR", addr, self._wait_server))
             for addr in self.config.IN_ADDR:
                 self.in_servers.append(self._bind("IN_ADDR", addr, lambda listener: StreamServer(
-                    listener, self.in_line.handle, backlog=LISTEN_BACKLOG)))
+                    listener, self.in_line.handle)))
         except StartError:
             self.stop()
             raise
         self._housekeeper = gevent.spawn(self._housekeep)
 
+    def _wait_server(self, listener) -> StreamServer:
+        if self.config.WAIT_ENGINE == "lean":
+            return LeanWaitServer(listener, self.wait_line, self.state)
+        return WSGIServer(listener, self.wait_app, handler_class=LongPollHandler, log=None,
+                          error_log=logging.getLogger("realplexor.wsgi"))
+
     def _bind(self, option: str, addr: str, make) -> StreamServer:
         try:
-            server = make(parse_address(addr, option))
+            server = make(listen_socket(*parse_address(addr, option), defer_accept=option == "WAIT_ADDR"))
             server.start()
         except ConfigError as exc:
             raise StartError(str(exc)) from None
@@ -112,6 +139,9 @@ class Realplexor:
         config = dataclasses.replace(config, **{name: getattr(self.config, name) for name in pending})
         self.state.reconfigure(channel_settings(config))
         self.wait_line.reconfigure(config, pages)
+        for server in self.wait_servers:
+            if isinstance(server, LeanWaitServer):
+                server.reconfigure()
         self.in_line.reconfigure(config, users)
         self.config = config
         return pending

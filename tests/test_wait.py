@@ -7,7 +7,29 @@ import time
 
 import pytest
 
-from conftest import parse_response, read_to_eof
+from conftest import parse_response, read_to_eof, start_server, write_config
+
+ENGINES = ["wsgi", "lean"]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request):
+    """Every WAIT-line test runs against both engines."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    path = write_config(tmp_path_factory.mktemp("rpl") / "realplexor.toml",
+                        OFFLINE_TIMEOUT=1, WAIT_TIMEOUT=30, WAIT_ENGINE=engine)
+    running = start_server(path)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def server_factory(server_factory, engine):
+    return lambda **options: server_factory(WAIT_ENGINE=engine, **options)
 
 
 def parts(response):
@@ -366,3 +388,125 @@ def test_wsgi_app_errors_are_one_line(wsgi_app):
     assert "WAIT_MAXLEN (200 bytes)" in response.text
     response = app.post("/", "ident=" + "a," * 150, status=413)
     assert response.text.count("\n") == 1
+
+
+# -- kept-alive long polls ------------------------------------------------
+
+class KeptAlive:
+    """A browser-like connection that sends several polls, one after another."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def send_poll(self, query: str) -> None:
+        self.sock.sendall(f"GET /?{query} HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n".encode())
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed a kept-alive connection")
+        self.buf += chunk
+
+    def read_response(self):
+        """One response, chunked or with a Content-Length: (head, body)."""
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        length = parse_response(head + b"\r\n\r\n").headers.get("content-length")
+        if length is not None:
+            while len(self.buf) < int(length):
+                self._fill()
+            body, self.buf = self.buf[:int(length)], self.buf[int(length):]
+            return head.decode(), body
+        body = b""
+        while True:
+            while b"\r\n" not in self.buf:
+                self._fill()
+            size_line, _, rest = self.buf.partition(b"\r\n")
+            size = int(size_line, 16)
+            while len(rest) < size + 2:
+                self._fill()
+                size_line, _, rest = self.buf.partition(b"\r\n")
+            self.buf = rest[size + 2:]
+            if size == 0:
+                return head.decode(), body
+            body += rest[:size]
+
+    def close(self):
+        self.sock.close()
+
+
+def test_kept_alive_connection_carries_two_polls_and_publishes(server, cid):
+    conn = KeptAlive(server.wait_port)
+    try:
+        conn.send_poll(f"identifier={cid}a")
+        server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
+        server.publish(f"{cid}a", '"first"')
+        head, body = conn.read_response()
+        assert "transfer-encoding: chunked" in head.lower()
+        assert "connection: close" not in head.lower()
+        assert body.startswith(b" \r\n")
+        first = json.loads(body)
+        cursor = first[0]["ids"][f"{cid}a"]
+        assert first[0]["data"] == "first"
+        conn.send_poll(f"identifier={cursor}:{cid}a")
+        server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
+        server.publish(f"{cid}a", '"second"')
+        _, body = conn.read_response()
+        assert [p["data"] for p in json.loads(body)] == ["second"]
+        # Queued data on a kept-alive connection is answered at once.
+        server.publish(f"{cid}a", '"third"')
+        conn.send_poll(f"identifier={cursor}:{cid}a")
+        _, body = conn.read_response()
+        assert [p["data"] for p in json.loads(body)] == ["second", "third"]
+    finally:
+        conn.close()
+
+
+def test_kept_alive_poll_times_out_and_stays_usable(server_factory, cid):
+    quick = server_factory(WAIT_TIMEOUT=0.5)
+    conn = KeptAlive(quick.wait_port)
+    try:
+        conn.send_poll(f"identifier={cid}a")
+        head, body = conn.read_response()
+        assert head.startswith("HTTP/1.1 200") and body == b" \r\n"
+        conn.send_poll(f"identifier={cid}a")
+        quick.wait_until(lambda: quick.online(cid) == {f"{cid}a": 1})
+        quick.publish(f"{cid}a", '"after timeout"')
+        _, body = conn.read_response()
+        assert json.loads(body)[0]["data"] == "after timeout"
+    finally:
+        conn.close()
+
+
+def test_raw_http11_client_without_keep_alive_sees_the_close(server, cid):
+    poll = server.listen(f"{cid}a")
+    server.publish(f"{cid}a", '"x"')
+    response = poll.response()
+    assert response.headers.get("connection") == "close"
+    assert "transfer-encoding" not in response.headers
+    assert json.loads(response.body[3:])[0]["data"] == "x"
+
+
+def test_client_leaving_a_kept_alive_poll_is_removed(server, cid):
+    conn = KeptAlive(server.wait_port)
+    conn.send_poll(f"identifier={cid}a")
+    server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
+    conn.close()
+    server.wait_until(lambda: server.online(cid) == {f"{cid}a": 0})
+
+
+def test_many_parked_polls_on_one_channel_all_get_the_publish(server, cid):
+    polls = [server.listen(f"{cid}a") for _ in range(200)]
+    server.publish(f"{cid}a", '{"n": 200}')
+    for poll in polls:
+        assert json.loads(poll.response().body[3:])[0]["data"] == {"n": 200}
+    assert server.online(cid) == {f"{cid}a": 0}
+
+
+def test_malformed_http_is_a_400(server):
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        sock.sendall(b"GARBAGE\x00\x01 / HTTP/9\r\n\r\n")
+        response = parse_response(read_to_eof(sock))
+    assert response.status == 400
