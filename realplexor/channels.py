@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import abc
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Callable, Iterable, Protocol, Sequence
 
 from .cursors import CursorClock
+from .deadlines import Deadlines
 from .protocol import render_wait_body
 
 
@@ -147,10 +148,10 @@ class MemoryChannels(ChannelState):
         self._cursors = cursor_clock or CursorClock()
         # { channel id: _Channel }
         self._channels: dict[str, _Channel] = {}
-        # { channel id: time of its last publish }, oldest first
-        self._published_at: OrderedDict[str, float] = OrderedDict()
-        # { channel id: time it goes offline }, soonest first (one fixed timeout)
-        self._going_offline: OrderedDict[str, float] = OrderedDict()
+        # channel id -> when its queue is emptied (CLEAN_ID_AFTER after its last publish)
+        self._cleaning: Deadlines[str] = Deadlines()
+        # channel id -> when it goes offline (OFFLINE_TIMEOUT after its last listener left)
+        self._going_offline: Deadlines[str] = Deadlines()
         # (pos, event, channel id), oldest first
         self._events: deque[tuple[int, str, str]] = deque(maxlen=settings.event_log_len)
         self._position = 0
@@ -192,12 +193,12 @@ class MemoryChannels(ChannelState):
             self._listeners -= 1
 
     def _came_online(self, channel_id: str, channel: _Channel) -> None:
-        if self._going_offline.pop(channel_id, None) is None and not channel.online:
+        if not self._going_offline.cancel(channel_id) and not channel.online:
             channel.online = True
             self._log("online", channel_id)
 
     def _left(self, channel_id: str) -> None:
-        self._going_offline[channel_id] = self._clock() + self.settings.offline_timeout
+        self._going_offline.set(channel_id, self._clock() + self.settings.offline_timeout)
 
     def _queued_body(self, cursors: dict[str, Decimal]) -> bytes | None:
         # { id(_Message): (first cursor, data, [(channel id, cursor text), ...]) }
@@ -230,7 +231,7 @@ class MemoryChannels(ChannelState):
         message = _Message(data, limiters)
         fresh = None
         placed: list[tuple[str, Decimal, str]] = []
-        now = self._clock()
+        clean_at = self._clock() + self.settings.clean_id_after
         for channel_id, cursor, text in targets:
             if cursor is None:
                 if fresh is None:
@@ -240,8 +241,7 @@ class MemoryChannels(ChannelState):
             if channel is None:
                 channel = self._channels[channel_id] = _Channel()
             self._enqueue(channel, cursor, text, message)
-            self._published_at.pop(channel_id, None)
-            self._published_at[channel_id] = now
+            self._cleaning.set(channel_id, clean_at)
             placed.append((channel_id, cursor, text))
         self._wake(placed, message)
         return [(channel_id, text) for channel_id, _, text in placed]
@@ -323,23 +323,13 @@ class MemoryChannels(ChannelState):
 
     def expire(self) -> None:
         now = self._clock()
-        going = self._going_offline
-        while going:
-            channel_id, deadline = next(iter(going.items()))
-            if deadline > now:
-                break
-            del going[channel_id]
+        for channel_id in self._going_offline.pop_due(now):
             channel = self._channels.get(channel_id)
             if channel is not None and channel.online:
                 channel.online = False
                 self._log("offline", channel_id)
                 self._forget_if_unused(channel_id, channel)
-        published = self._published_at
-        while published:
-            channel_id, at = next(iter(published.items()))
-            if at + self.settings.clean_id_after > now:
-                break
-            del published[channel_id]
+        for channel_id in self._cleaning.pop_due(now):
             channel = self._channels.get(channel_id)
             if channel is not None:
                 channel.queue.clear()
@@ -348,11 +338,11 @@ class MemoryChannels(ChannelState):
     def _clean_if_idle(self, channel_ids: Iterable[str]) -> None:
         # Expiry is swept periodically; a listener must not see a queue
         # that is already past CLEAN_ID_AFTER just because the sweep is late.
-        deadline = self._clock() - self.settings.clean_id_after
+        now = self._clock()
         for channel_id in channel_ids:
-            at = self._published_at.get(channel_id)
-            if at is not None and at <= deadline:
-                del self._published_at[channel_id]
+            due = self._cleaning.get(channel_id)
+            if due is not None and due <= now:
+                self._cleaning.cancel(channel_id)
                 self._channels[channel_id].queue.clear()
 
     def _forget_if_unused(self, channel_id: str, channel: _Channel) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections import OrderedDict
 from decimal import Decimal
 
 import gevent
@@ -28,6 +27,7 @@ from gevent.hub import get_hub
 from gevent.server import StreamServer
 
 from .channels import ChannelState
+from .deadlines import Deadlines
 from .protocol import ProtocolError
 from .wait import FIRST_BYTES, Reply, WaitLine, error_reply, peer_closed, wants_keep_alive
 
@@ -95,10 +95,10 @@ class LeanWaitServer(StreamServer):
         self.line = line
         self.state = state
         self._loop = get_hub().loop
-        # { poll: deadline }, soonest first (one WAIT_TIMEOUT for all)
-        self._parked: OrderedDict[LeanPoll, float] = OrderedDict()
-        # { poll: deadline }, kept-alive connections waiting for their next poll
-        self._idle: OrderedDict[LeanPoll, float] = OrderedDict()
+        # parked polls -> when WAIT_TIMEOUT ends their wait
+        self._parked: Deadlines[LeanPoll] = Deadlines()
+        # kept-alive connections between polls -> when they are closed
+        self._idle: Deadlines[LeanPoll] = Deadlines()
         self._heads: dict[tuple, bytes] = {}
         self._framed_for: bytes | None = None
         self._framed = b""
@@ -223,14 +223,14 @@ class LeanWaitServer(StreamServer):
         poll.sock = raw
         poll.watcher = self._loop.io(raw.fileno(), _READ)
         poll.watcher.start(self._on_parked_readable, poll)
-        self._parked[poll] = time.monotonic() + self.line.config.WAIT_TIMEOUT
+        self._parked.set(poll, time.monotonic() + self.line.config.WAIT_TIMEOUT)
 
     def deliver(self, poll: LeanPoll, body: bytes) -> None:
         """Write ``body`` to a parked poll, then close it or keep it for the next poll."""
         if poll.sock is None:
             poll.pending = body
             return
-        self._parked.pop(poll, None)
+        self._parked.cancel(poll)
         poll.watcher.stop()
         if poll.keep_alive:
             if body is not self._framed_for:
@@ -250,19 +250,20 @@ class LeanWaitServer(StreamServer):
             self._close(poll)
             return
         if sent < len(data):
-            gevent.spawn(self._write_rest, poll, data[sent:])
+            gevent.spawn(self._resume_in_greenlet, poll, data[sent:])
         else:
             self._finish(poll)
 
-    def _write_rest(self, poll: LeanPoll, data: bytes) -> None:
+    def _resume_in_greenlet(self, poll: LeanPoll, unsent: bytes = b"") -> None:
+        """Take a connection back into a greenlet: finish writing, serve the next poll."""
         poll.watcher.close()
         sock = gevent.socket.socket(fileno=poll.sock.detach())
         poll.sock = None
         try:
             sock.settimeout(REQUEST_TIMEOUT)
-            sock.sendall(data)
+            if unsent:
+                sock.sendall(unsent)
             if poll.keep_alive:
-                # Kept alive: serve the next request here, this greenlet exists anyway.
                 self._serve(sock)
         except OSError:
             pass
@@ -276,7 +277,7 @@ class LeanWaitServer(StreamServer):
         poll.cursors = {}
         poll.pending = None
         poll.watcher.start(self._on_idle_readable, poll)
-        self._idle[poll] = time.monotonic() + KEEPALIVE_IDLE
+        self._idle.set(poll, time.monotonic() + KEEPALIVE_IDLE)
 
     def _on_parked_readable(self, poll: LeanPoll) -> None:
         gone = peer_closed(poll.sock)
@@ -284,25 +285,14 @@ class LeanWaitServer(StreamServer):
             return
         poll.watcher.stop()
         if gone:
-            self._parked.pop(poll, None)
+            self._parked.cancel(poll)
             self.state.unlisten(poll)
             self._close(poll)
 
     def _on_idle_readable(self, poll: LeanPoll) -> None:
         poll.watcher.stop()
-        self._idle.pop(poll, None)
-        gevent.spawn(self._serve_next, poll)
-
-    def _serve_next(self, poll: LeanPoll) -> None:
-        poll.watcher.close()
-        sock = gevent.socket.socket(fileno=poll.sock.detach())
-        poll.sock = None
-        try:
-            self._serve(sock)
-        except OSError:
-            pass
-        finally:
-            sock.close()
+        self._idle.cancel(poll)
+        gevent.spawn(self._resume_in_greenlet, poll)
 
     def _close(self, poll: LeanPoll) -> None:
         if poll.watcher is not None:
@@ -323,26 +313,14 @@ class LeanWaitServer(StreamServer):
                 log.exception("lean WAIT engine: sweeping timeouts failed")
 
     def _sweep(self, now: float) -> None:
-        # A reload may change WAIT_TIMEOUT; the order is then only roughly
-        # by deadline, and a poll may wait at most one old timeout longer.
-        parked = self._parked
-        while parked:
-            poll, deadline = next(iter(parked.items()))
-            if deadline > now:
-                break
-            del parked[poll]
+        for poll in self._parked.pop_due(now):
             self.state.unlisten(poll)
             poll.watcher.stop()
             if poll.keep_alive:
                 self._write_then_finish(poll, _LAST_CHUNK)
             else:
                 self._close(poll)
-        idle = self._idle
-        while idle:
-            poll, deadline = next(iter(idle.items()))
-            if deadline > now:
-                break
-            del idle[poll]
+        for poll in self._idle.pop_due(now):
             self._close(poll)
 
     @staticmethod
