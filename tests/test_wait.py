@@ -510,3 +510,50 @@ def test_malformed_http_is_a_400(server):
         sock.sendall(b"GARBAGE\x00\x01 / HTTP/9\r\n\r\n")
         response = parse_response(read_to_eof(sock))
     assert response.status == 400
+
+
+def test_wsgi_handler_sends_headers_and_first_bytes_in_one_send(tmp_path):
+    """A parked poll's status line, headers and first space leave in one send."""
+    import gevent
+    import gevent.socket
+
+    from realplexor.channels import MemoryChannels
+    from realplexor.config import validate
+    from realplexor.pages import load_pages
+    from realplexor.wait import WaitLine
+    from realplexor.wait_wsgi import LongPollHandler, WaitApp
+
+    class CountingSocket:
+        def __init__(self, sock):
+            self.sock, self.sends = sock, []
+
+        def sendall(self, data):
+            self.sends.append(bytes(data))
+            return self.sock.sendall(data)
+
+        def __getattr__(self, name):
+            return getattr(self.sock, name)
+
+    config = validate({"WAIT_TIMEOUT": 0.2})
+    app = WaitApp(WaitLine(config, load_pages(config)), MemoryChannels())
+    server_side, client_side = gevent.socket.socketpair()
+    counting = CountingSocket(server_side)
+
+    class FakeServer:
+        application = app
+        log = error_log = None
+
+        def get_environ(self):
+            return {"wsgi.errors": None, "SERVER_NAME": "x", "SERVER_PORT": "1"}
+
+    client_side.sendall(b"GET /?identifier=abc HTTP/1.1\r\nHost: x\r\n\r\n")
+    handler = LongPollHandler(counting, ("127.0.0.1", 1), FakeServer())
+    handler.log_request = lambda: None
+    worker = gevent.spawn(handler.handle_one_request)
+    gevent.sleep(0.1)
+    assert len(counting.sends) == 1
+    assert counting.sends[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert counting.sends[0].endswith(b"\r\n\r\n \r\n")
+    worker.join(timeout=5)
+    server_side.close()
+    client_side.close()
