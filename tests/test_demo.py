@@ -193,6 +193,22 @@ def test_online_list_follows_an_added_and_a_closed_channel(demo, open_page):
     assert first.locator('.channel[data-id="Gamma"]').count() == 0
 
 
+def test_no_message_is_lost_while_the_page_reconnects(demo, open_page):
+    page = open_page(demo.url + "?ids=Alpha,Beta")
+    for round_ in range(5):
+        demo.wait_listeners("Alpha", 1)
+        demo.wait_listeners("Beta", 1)
+        # The first ends the page's poll; the second comes before it polls again.
+        first, second = ("Beta", "Alpha") if round_ % 2 else ("Alpha", "Beta")
+        demo.client.send(first, f"{round_} first")
+        demo.client.send(second, f"{round_} second")
+        wait_messages(page, first, round_ + 1)
+        wait_messages(page, second, round_ + 1)
+    time.sleep(0.3)
+    texts = sorted(m["text"] for channel in ("Alpha", "Beta") for m in messages(page, channel))
+    assert texts == sorted(f"{n} {which}" for n in range(5) for which in ("first", "second"))
+
+
 def test_ids_in_the_address_choose_the_channels(demo, open_page):
     page = open_page(demo.url + "?ids=Habrahabr,bad-name")
     assert open_channels(page) == ["Habrahabr"]
@@ -354,7 +370,7 @@ def test_command_uses_a_running_server(server_factory):
         output.wait_for(r"open http://127\.0\.0\.1:\d+/")
         process.send_signal(signal.SIGTERM)
         assert _wait_exit(process) == 0
-        assert "starting one" not in output.text()
+        assert "Realplexor server started" not in output.text()
         assert server.process.poll() is None
     finally:
         if process.poll() is None:

@@ -87,7 +87,10 @@ class Launch:
             config_path = write_config(Path(self._tmp.name) / "realplexor.toml",
                                        f"{wait_host}:{wait_port}", f"{in_host}:{in_port}",
                                        args.offline_timeout)
-        print(f"No Realplexor server answers on {in_host}:{in_port}: starting one.", flush=True)
+        if in_port:
+            print(f"No Realplexor server answers on {in_host}:{in_port}: starting one.", flush=True)
+        else:
+            print("Starting a Realplexor server on the ports its configuration names.", flush=True)
         self.server_process = ServerProcess(config_path)
         ports = self.server_process.start(expected={"IN": (in_host, in_port), "WAIT": (wait_host, wait_port)})
         print(f"Realplexor server started (pid {self.server_process.pid}).", flush=True)
