@@ -1,0 +1,6 @@
+"""``python -m realplexor.demo``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
