@@ -43,6 +43,7 @@
   var MAX_GET_URL = 1500;       // longer URLs go as POST bodies
   var FIRST_RETRY_DELAY = 0.1;  // seconds; doubled for each failure in a row
   var MAX_RETRY_DELAY = 5;      // seconds; the longest wait between failing polls
+  var SERVER_CURSOR_AGE = 86400; // seconds: a cursor this close to now is the server's clock
   var WATCHDOG_MARGIN = 30;     // seconds past WAIT_TIMEOUT before a silent poll is dropped
 
   function debug() {
@@ -303,6 +304,7 @@
   // cursor already seen on an id is not delivered twice.
   Dklab_Realplexor.prototype._dispatch = function (parts) {
     var prefix = this._wirePrefix();
+    var newest = null;
     for (var i = 0; i < parts.length; i++) {
       var part = parts[i];
       if (!part || typeof part.ids !== "object" || part.ids === null) continue;
@@ -312,6 +314,7 @@
         var id = wireId.slice(prefix.length);
         var entry = Object.prototype.hasOwnProperty.call(this._map, id) ? this._map[id] : null;
         var cursor = String(part.ids[wireId]);
+        if (isCursor(cursor) && (newest === null || compareCursors(cursor, newest) > 0)) newest = cursor;
         if (!entry || !isCursor(cursor)) continue;
         if (entry.cursor != null && isCursor(entry.cursor) && compareCursors(cursor, entry.cursor) <= 0) continue;
         entry.cursor = cursor;
@@ -322,6 +325,21 @@
           this._call(callbacks[j], [part.data, id, cursor]);
         }
       }
+    }
+    this._adoptNewest(newest);
+  };
+
+  // A channel without a cursor listens "from now", and "now" of the next
+  // poll is a little after this answer: what was published in between
+  // would be missed. Such channels listen from this answer's newest cursor
+  // instead, when it is a server cursor (the Unix time); a publisher's own
+  // small cursors say nothing about the other channels.
+  Dklab_Realplexor.prototype._adoptNewest = function (newest) {
+    if (newest === null || parseFloat(newest) < Date.now() / 1000 - SERVER_CURSOR_AGE) return;
+    for (var id in this._map) {
+      if (!Object.prototype.hasOwnProperty.call(this._map, id)) continue;
+      var entry = this._map[id];
+      if (entry && entry.cursor == null && entry.callbacks && entry.callbacks.length) entry.cursor = newest;
     }
   };
 

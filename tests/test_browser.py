@@ -449,3 +449,21 @@ def test_iframe_page_offers_the_loader_of_the_original_client(page, server, cid)
     server.publish(f"{cid}x", '"old"')
     assert received(page, 1) == [{"data": "old", "id": "x"}]
     page.wait_for_function("map.x.cursor !== null", timeout=WAIT_MS)
+
+
+def test_channel_without_a_message_misses_nothing_between_polls(page, site, server, cid):
+    # The first publish ends the poll; the second comes before the next poll,
+    # to a channel that has had no message (so no cursor) yet.
+    open_with_server_script(page, site, server)
+    page.evaluate(f"""window.rpl = new Dklab_Realplexor({wait_url(server.wait_port)!r});
+        rpl.subscribe("{cid}a", recorder("a")).subscribe("{cid}b", recorder("b")).execute()""")
+    expected = []
+    for round_ in range(4):
+        wait_listening(server, f"{cid}a", f"{cid}b")
+        first, second = (f"{cid}b", f"{cid}a") if round_ % 2 else (f"{cid}a", f"{cid}b")
+        server.publish(first, json.dumps(f"{round_} first"))
+        server.publish(second, json.dumps(f"{round_} second"))
+        expected += [f"{round_} first", f"{round_} second"]
+        received(page, len(expected))
+    time.sleep(0.3)
+    assert sorted(r["data"] for r in received(page)) == sorted(expected)

@@ -19,35 +19,6 @@
   // { channel name: { pane: element, list: element, callback: function } }, in opening order
   var open = {};
   var onlineVersion = -1;
-  // { channel name (online list too): the last cursor it was given or got }
-  var cursors = {};
-  var answerCursor = null;     // the highest cursor of the answer being dispatched
-
-  // The client asks again for a channel that has had no message yet "from
-  // now", the moment of its next request: a message published between an
-  // answer and that request would be missed. So, once an answer is
-  // dispatched (a microtask runs after the whole dispatch and before the
-  // client reconnects), every such channel listens from the answer's
-  // highest cursor instead: later publishes all have higher cursors.
-  function noteCursor(name, cursor) {
-    cursors[name] = cursor;
-    if (answerCursor === null) {
-      Promise.resolve().then(function () {
-        var from = answerCursor;
-        answerCursor = null;
-        Object.keys(open).concat([settings.onlineId]).forEach(function (other) {
-          if (!cursors[other]) {
-            cursors[other] = from;
-            realplexor.setCursor(other, from);
-          }
-        });
-      });
-      answerCursor = cursor;
-    } else if (Dklab_Realplexor.compareCursors(cursor, answerCursor) > 0) {
-      answerCursor = cursor;
-    }
-  }
-
   function $(id) { return document.getElementById(id); }
 
   function element(tag, className, text) {
@@ -159,12 +130,10 @@
     $("channels").appendChild(pane);
 
     var callback = function (data, id, cursor) {
-      noteCursor(id, cursor);
       showMessage(id, data, cursor);
     };
     open[name] = { pane: pane, list: list, callback: callback };
     // Listen from now on, also when the channel was open before.
-    delete cursors[name];
     realplexor.setCursor(name, null).subscribe(name, callback);
     return true;
   }
@@ -235,7 +204,6 @@
 
   function followOnline() {
     realplexor.subscribe(settings.onlineId, function (data, id, cursor) {
-      noteCursor(id, cursor);
       showOnline(data);
     });
     // The current list once; later changes come through the channel above.
