@@ -122,10 +122,6 @@ class LeanWaitServer(StreamServer):
         self._idle.clear()
         super().stop(timeout)
 
-    def waiting(self) -> int:
-        """How many polls are parked now."""
-        return len(self._parked)
-
     # -- reading and answering (in a greenlet) ------------------------------
 
     def handle(self, sock, address) -> None:
