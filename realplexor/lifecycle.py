@@ -5,6 +5,7 @@ a short ``handle_*`` method.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -29,6 +30,7 @@ _SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup"}
 _SPARE_FILES = 64
 MEMORY_CHECK_INTERVAL = 1.0
 GC_THRESHOLDS = (50_000, 50, 100)
+_PR_SET_PDEATHSIG = 1
 
 
 class Restart(Exception):
@@ -138,6 +140,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def end_with_parent() -> None:
+    """Have the kernel send SIGTERM when the supervisor dies (Linux).
+
+    A supervisor killed outright would otherwise leave its server running
+    and holding the ports, and the next start would fail.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def resident_mb() -> float:
     """This process's resident memory in MB."""
     with open("/proc/self/statm") as fh:
@@ -189,6 +204,8 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; the exit status. Raises Restart."""
+        if self.supervised:
+            end_with_parent()
         # Handlers first: a signal that comes while binding is queued, not fatal.
         handlers = [gevent.signal_handler(signum, self._queue, name)
                     for signum, name in _SIGNALS.items()]

@@ -60,8 +60,10 @@ def test_stale_pidfile_does_not_block_a_start(tmp_path):
     dead.wait()
     pidfile.write_text(f"{dead.pid}\n")
     server = start_server_with(tmp_path, "--pidfile", str(pidfile))
-    assert pidfile.read_text().strip() == str(server.process.pid)
-    server.stop()
+    try:
+        assert pidfile.read_text().strip() == str(server.process.pid)
+    finally:
+        server.stop()
 
 
 def start_server_with(tmp_path: Path, *args: str) -> RunningServer:
@@ -134,3 +136,18 @@ def test_max_mem_mb_restarts_a_fresh_server(tmp_path, cid):
     finally:
         assert server.stop() == 0
     assert not pidfile.exists()
+
+
+def test_supervised_server_ends_when_its_supervisor_is_killed(tmp_path):
+    config = write_config(tmp_path / "c.toml", MAX_MEM_MB=500)
+    process, output = spawn([sys.executable, "-m", "realplexor", "--config", str(config)])
+    try:
+        child = int(output.wait_for(r"realplexor\[(\d+)\] INFO realplexor started").group(1))
+        assert child != process.pid
+    finally:
+        process.kill()
+        process.wait(TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while Path(f"/proc/{child}").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline, "the server outlived its supervisor"
+        time.sleep(0.05)
