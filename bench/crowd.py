@@ -25,7 +25,9 @@ FIRST_BYTES = b" \r\n"
 BROWSER_HEADERS = (
     "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\n"
     "Accept: */*\r\nAccept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate\r\n"
-    "Referer: http://example.com/chat/room.html\r\nConnection: keep-alive\r\n")
+    "Referer: http://example.com/chat/room.html\r\n")
+# No "Connection: keep-alive": these polls are answered close-delimited and
+# each reconnect is a new connection; compare.py measures kept-alive polls.
 
 
 def wait_request(identifier: str, serial: int, headers: str) -> bytes:

@@ -72,8 +72,9 @@ class ServerProcess:
     ``gc_trace.py``, which logs its garbage collections to that file.
     """
 
-    def __init__(self, gc_log: Path | None = None, **options):
+    def __init__(self, gc_log: Path | None = None, cpus: str | None = None, **options):
         self.gc_log = gc_log
+        self.cpus = cpus
         self.options = {"WAIT_ADDR": ["127.0.0.1:0"], "IN_ADDR": ["127.0.0.1:0"],
                         "VERBOSITY": 1, **options}
         self.process: subprocess.Popen | None = None
@@ -103,6 +104,8 @@ class ServerProcess:
             command = [sys.executable, "-m", "realplexor"]
         else:
             command = [sys.executable, str(Path(__file__).with_name("gc_trace.py")), str(self.gc_log)]
+        if self.cpus is not None:
+            command = ["taskset", "-c", self.cpus] + command
         self.process = subprocess.Popen(
             command + ["--config", str(config)],
             cwd=_REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -1,0 +1,537 @@
+"""Realplexor's WAIT engines against nginx + nchan, side by side, one run.
+
+Every server kind runs pinned to CPU 0 (taskset); the client processes
+that hold the long polls and the publisher are pinned to CPU 1. The
+polls are browser-like kept-alive HTTP/1.1 requests: Realplexor answers
+them chunked and keeps the connection, nchan's long-poll subscriber
+keeps it too (the next poll carries If-Modified-Since / If-None-Match).
+
+Scenarios, for each kind:
+  memory     server RSS per idle poll at N parked polls;
+  broadcast  one publish to N polls of one channel: p50, p99 and
+             all-received latency, server CPU for the round;
+  repark     every poll asks again at once: time until all N wait again;
+  rate       2000 polls on their own channels, publishers round-robin:
+             messages delivered per second.
+
+    python compare.py                     # everything (several minutes)
+    python compare.py --kinds lean,nchan --broadcast 1000 --memory 1000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import selectors
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from server_process import ServerProcess, raise_fd_limit, read_to_eof
+
+SERVER_CPU, LOAD_CPU = "0", 1
+PER_CLIENT = 4800
+IO_TIMEOUT = 30.0
+HERE = Path(__file__).resolve().parent
+FIRST = b" \r\n"
+
+
+# -- the servers ---------------------------------------------------------------
+
+class Nginx:
+    """nginx with nchan on a free port, pinned to the server CPU."""
+
+    name = "nchan"
+
+    def __init__(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="nchan-bench-")
+        self.port = _free_port()
+        conf = Path(self._tmp.name) / "nginx.conf"
+        conf.write_text((HERE / "nchan.conf").read_text()
+                        .replace("@PREFIX@", self._tmp.name).replace("@PORT@", str(self.port)))
+        self.master = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU, "nginx", "-c", str(conf), "-p", self._tmp.name],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _wait_for_port(self.port)
+        self.wait_port = self.port
+
+    def processes(self) -> list[psutil.Process]:
+        master = psutil.Process(self.master.pid)
+        return [master] + master.children()
+
+    def worker_rss(self) -> int:
+        return sum(p.memory_info().rss for p in self.processes()[1:])
+
+    def rss(self) -> int:
+        return sum(p.memory_info().rss for p in self.processes())
+
+    def cpu_seconds(self) -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in self.processes())
+
+    def publish(self, channel: str, data: bytes) -> float:
+        request = (f"POST /pub/{channel} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+                   "Connection: close\r\n\r\n").encode() + data
+        return _send_request(self.port, request, (b"HTTP/1.1 201", b"HTTP/1.1 202"))
+
+    def waiting(self) -> int:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=IO_TIMEOUT) as sock:
+            sock.sendall(b"GET /nchan_status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            body = read_to_eof(sock).partition(b"\r\n\r\n")[2].decode()
+        return next(int(line.split(":")[1]) for line in body.splitlines() if line.startswith("subscribers"))
+
+    def first_request(self, channel: str) -> bytes:
+        return f"GET /sub/{channel} HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n".encode()
+
+    def stop(self) -> None:
+        if self.master.poll() is None:
+            self.master.terminate()
+            try:
+                self.master.wait(10)
+            except subprocess.TimeoutExpired:
+                self.master.kill()
+        self._tmp.cleanup()
+
+
+class Realplexor:
+    """A Realplexor server with one WAIT engine, pinned to the server CPU."""
+
+    def __init__(self, engine: str, keep_alive: bool = True) -> None:
+        self.name = engine if keep_alive else f"{engine} (close)"
+        self.keep_alive = keep_alive
+        self.server = ServerProcess(cpus=SERVER_CPU, WAIT_ENGINE=engine, WAIT_TIMEOUT=3600,
+                                    OFFLINE_TIMEOUT=3600)
+        self.server.start()
+        self.wait_port = self.server.wait_port
+
+    def rss(self) -> int:
+        return self.server.rss()
+
+    worker_rss = rss
+
+    def cpu_seconds(self) -> float:
+        return self.server.cpu_seconds()
+
+    def publish(self, channel: str, data: bytes) -> float:
+        request = (f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+                   f"X-Realplexor: identifier={channel}\r\n\r\n").encode() + data
+        return _send_request(self.server.in_port, request, (b"HTTP/1.0 200",))
+
+    def waiting(self) -> int:
+        return sum(self.server.online().values())
+
+    def first_request(self, channel: str) -> bytes:
+        connection = "Connection: keep-alive\r\n" if self.keep_alive else ""
+        return f"GET /?identifier={channel} HTTP/1.1\r\nHost: x\r\n{connection}\r\n".encode()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def _send_request(port: int, request: bytes, ok: tuple[bytes, ...]) -> float:
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
+        sent_at = time.monotonic()
+        sock.sendall(request)
+        reply = read_to_eof(sock)
+    if not reply.startswith(ok):
+        raise RuntimeError(f"publish refused: {reply[:200]!r}")
+    return sent_at
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+# -- the client side: one selector per process, many kept-alive polls ---------
+
+class Conn:
+    """One poll connection and the response being read on it."""
+
+    __slots__ = ("sock", "channel", "kind", "buf", "head", "chunked", "length", "chunks",
+                 "parked_at", "done_at", "next_headers", "reconnect")
+
+    def __init__(self, channel: str, kind: str):
+        self.channel, self.kind = channel, kind
+        self.sock = None
+        self.next_headers = ""
+        self.reset()
+
+    def reset(self) -> None:
+        self.buf, self.head, self.chunks = b"", None, []
+        self.chunked, self.length = False, None
+        self.parked_at = self.done_at = 0.0
+        self.reconnect = False
+
+
+class Clients:
+    """The client processes (pinned to the load CPU), driven over pipes."""
+
+    def __init__(self, kind: str, port: int, channels: list[str], keep_alive: bool):
+        self.pipes = []
+        for start in range(0, len(channels), PER_CLIENT):
+            parent, child = multiprocessing.Pipe()
+            process = multiprocessing.Process(
+                target=_client_main, args=(child, kind, port, channels[start:start + PER_CLIENT], keep_alive),
+                daemon=True)
+            process.start()
+            self.pipes.append((parent, process))
+
+    def ask(self, *command, timeout: float = 120.0) -> list:
+        for pipe, _ in self.pipes:
+            pipe.send(command)
+        answers = []
+        for pipe, _ in self.pipes:
+            if not pipe.poll(timeout):
+                raise RuntimeError(f"client did not answer {command[0]!r} in {timeout}s")
+            answer = pipe.recv()
+            if isinstance(answer, Exception):
+                raise answer
+            answers.append(answer)
+        return answers
+
+    def close(self) -> None:
+        for pipe, process in self.pipes:
+            try:
+                pipe.send(("quit",))
+            except OSError:
+                pass
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+
+
+def _client_main(pipe, kind: str, port: int, channels: list[str], keep_alive: bool) -> None:
+    os.sched_setaffinity(0, {LOAD_CPU})
+    raise_fd_limit()
+    crowd = _Crowd(kind, port, channels, keep_alive)
+    while True:
+        command = pipe.recv()
+        if command[0] == "quit":
+            crowd.close()
+            return
+        try:
+            pipe.send(getattr(crowd, command[0])(*command[1:]))
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            pipe.send(RuntimeError(f"{command[0]}: {exc!r}"))
+
+
+class _Crowd:
+    def __init__(self, kind: str, port: int, channels: list[str], keep_alive: bool):
+        self.kind, self.port, self.keep_alive = kind, port, keep_alive
+        self.conns = [Conn(channel, kind) for channel in channels]
+        self.selector = selectors.DefaultSelector()
+        self.delivered = 0
+
+    def _request(self, conn: Conn) -> bytes:
+        if self.kind == "nchan":
+            return (f"GET /sub/{conn.channel} HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n"
+                    f"{conn.next_headers}\r\n").encode()
+        keep = "Connection: keep-alive\r\n" if self.keep_alive else ""
+        return (f"GET /?identifier={conn.next_headers}{conn.channel} HTTP/1.1\r\nHost: x\r\n"
+                f"{keep}\r\n").encode()
+
+    def _send(self, conn: Conn) -> None:
+        if conn.sock is None or conn.reconnect:
+            if conn.sock is not None:
+                self.selector.unregister(conn.sock)
+                conn.sock.close()
+            conn.sock = socket.create_connection(("127.0.0.1", self.port), timeout=IO_TIMEOUT)
+            conn.sock.setblocking(False)
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+        conn.reset()
+        conn.sock.send(self._request(conn))
+
+    def _pump(self, done, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise RuntimeError("timed out waiting for the server")
+            for key, _ in self.selector.select(0.5):
+                self._read(key.data)
+
+    def _read(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        now = time.monotonic()
+        if not data:
+            if conn.head is not None and not conn.chunked and conn.length is None:
+                self._complete(conn, now)
+            conn.reconnect = True
+            return
+        conn.buf += data
+        self._parse(conn, now)
+
+    def _parse(self, conn: Conn, now: float) -> None:
+        if conn.head is None:
+            head, sep, rest = conn.buf.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            conn.head, conn.buf = head.decode("latin-1"), rest
+            lower = conn.head.lower()
+            conn.chunked = "transfer-encoding: chunked" in lower
+            for line in lower.split("\r\n"):
+                if line.startswith("content-length:"):
+                    conn.length = int(line.split(":")[1])
+            if not conn.chunked and conn.length is None and conn.buf.startswith(FIRST):
+                conn.parked_at = now
+        if conn.chunked:
+            while True:
+                size_line, sep, rest = conn.buf.partition(b"\r\n")
+                if not sep:
+                    return
+                size = int(size_line, 16)
+                if len(rest) < size + 2:
+                    return
+                conn.buf = rest[size + 2:]
+                if size == 0:
+                    self._complete(conn, now)
+                    return
+                conn.chunks.append(rest[:size])
+                if conn.kind != "nchan" and len(conn.chunks) == 1 and rest[:size] == FIRST:
+                    conn.parked_at = now
+        elif conn.length is not None and len(conn.buf) >= conn.length:
+            conn.chunks, conn.buf = [conn.buf[:conn.length]], conn.buf[conn.length:]
+            self._complete(conn, now)
+
+    def _complete(self, conn: Conn, now: float) -> None:
+        conn.done_at = now
+        body = b"".join(conn.chunks) if conn.chunks else conn.buf
+        if conn.kind == "nchan":
+            headers = {name.lower(): value for name, _, value in
+                       (line.partition(": ") for line in conn.head.split("\r\n")[1:])}
+            conn.next_headers = (f"If-Modified-Since: {headers.get('last-modified', '')}\r\n"
+                                 f"If-None-Match: {headers.get('etag', '')}\r\n")
+        else:
+            text = body.strip()
+            if text:
+                conn.next_headers = json.loads(text)[-1]["ids"][conn.channel] + ":"
+        self.delivered += 1
+        if conn.kind != "nchan" and not conn.chunked:
+            conn.reconnect = True
+
+    # commands from the parent
+
+    def open(self, timeout: float) -> int:
+        for conn in self.conns:
+            self._send(conn)
+        return self.await_parked(timeout)
+
+    def await_parked(self, timeout: float) -> int:
+        if self.kind != "nchan":
+            self._pump(lambda: all(c.parked_at for c in self.conns), timeout)
+        return len(self.conns)
+
+    def bodies(self, timeout: float) -> list[float]:
+        self._pump(lambda: all(c.done_at for c in self.conns), timeout)
+        return [c.done_at for c in self.conns]
+
+    def repoll(self, timeout: float) -> float:
+        started = time.monotonic()
+        for conn in self.conns:
+            self._send(conn)
+        self.await_parked(timeout)
+        return max((c.parked_at for c in self.conns), default=started)
+
+    def churn(self, seconds: float) -> int:
+        """Re-poll after every message for ``seconds``; messages received."""
+        self.delivered = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for key, _ in self.selector.select(0.1):
+                conn = key.data
+                self._read(conn)
+                if conn.done_at:
+                    self._send(conn)
+        return self.delivered
+
+    def close(self) -> None:
+        for conn in self.conns:
+            if conn.sock is not None:
+                conn.sock.close()
+
+
+# -- scenarios -----------------------------------------------------------------
+
+def make_server(kind: str):
+    if kind == "nchan":
+        return Nginx()
+    engine, _, mode = kind.partition("-")
+    return Realplexor(engine, keep_alive=mode != "close")
+
+
+def client_kind(kind: str) -> str:
+    return "nchan" if kind == "nchan" else "rpl"
+
+
+def wait_count(server, n: int, timeout: float = 120.0) -> float:
+    """Time until the server itself counts ``n`` waiting polls."""
+    deadline = time.monotonic() + timeout
+    while server.waiting() < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {server.waiting()} of {n} polls waiting")
+        time.sleep(0.01)
+    return time.monotonic()
+
+
+def memory(kind: str, n: int) -> dict:
+    server = make_server(kind)
+    clients = None
+    try:
+        time.sleep(1)
+        before = server.worker_rss()
+        clients = Clients(client_kind(kind), server.wait_port, ["idle"] * n,
+                          getattr(server, "keep_alive", True))
+        clients.ask("open", 120.0, timeout=180)
+        wait_count(server, n)
+        time.sleep(2)
+        after = server.worker_rss()
+        return {"kind": kind, "n": n, "rss_before_mb": before / 2**20, "rss_after_mb": after / 2**20,
+                "kb_per_poll": (after - before) / n / 1024}
+    finally:
+        if clients:
+            clients.close()
+        server.stop()
+
+
+def broadcast(kind: str, n: int, rounds: int) -> list[dict]:
+    server = make_server(kind)
+    clients = None
+    results = []
+    try:
+        clients = Clients(client_kind(kind), server.wait_port, ["bcast"] * n,
+                          getattr(server, "keep_alive", True))
+        clients.ask("open", 120.0, timeout=180)
+        wait_count(server, n)
+        for round_ in range(rounds):
+            time.sleep(0.5)
+            cpu = server.cpu_seconds()
+            sent_at = server.publish("bcast", json.dumps({"round": round_}).encode())
+            done = sorted(t for times in clients.ask("bodies", 60.0) for t in times)
+            cpu_round = server.cpu_seconds() - cpu
+            latencies = [(t - sent_at) * 1000 for t in done]
+            repark_start = time.monotonic()
+            parked = max(clients.ask("repoll", 60.0))
+            if kind == "nchan":
+                parked = wait_count(server, n)
+            else:
+                parked = max(parked, wait_count(server, n))
+            results.append({"kind": kind, "n": n, "round": round_ + 1,
+                            "p50_ms": statistics.median(latencies),
+                            "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
+                            "all_ms": latencies[-1], "cpu_ms": cpu_round * 1000,
+                            "repark_s": parked - repark_start})
+        return results
+    finally:
+        if clients:
+            clients.close()
+        server.stop()
+
+
+def rate(kind: str, n: int, seconds: float, publishers: int) -> dict:
+    server = make_server(kind)
+    clients = None
+    try:
+        channels = [f"own{i}" for i in range(n)]
+        clients = Clients(client_kind(kind), server.wait_port, channels,
+                          getattr(server, "keep_alive", True))
+        clients.ask("open", 120.0, timeout=180)
+        wait_count(server, n)
+        stop = threading.Event()
+        published = [0] * publishers
+
+        def publish_loop(index: int) -> None:
+            i = index
+            while not stop.is_set():
+                server.publish(channels[i % n], b'{"m":1}')
+                published[index] += 1
+                i += publishers
+
+        threads = [threading.Thread(target=publish_loop, args=(i,), daemon=True) for i in range(publishers)]
+        cpu = server.cpu_seconds()
+        for thread in threads:
+            thread.start()
+        delivered = sum(clients.ask("churn", seconds, timeout=seconds + 60))
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        return {"kind": kind, "n": n, "delivered_per_s": delivered / seconds,
+                "published_per_s": sum(published) / seconds,
+                "server_cpu_share": (server.cpu_seconds() - cpu) / seconds}
+    finally:
+        if clients:
+            clients.close()
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", default="nchan,lean,wsgi,lean-close",
+                        help="server kinds: nchan, lean, wsgi, and lean-close / wsgi-close (no keep-alive)")
+    parser.add_argument("--memory", default="1000,10000,19000", help="idle poll counts")
+    parser.add_argument("--broadcast", default="1000,5000,10000", help="subscriber counts")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rate-polls", type=int, default=2000)
+    parser.add_argument("--rate-seconds", type=float, default=5.0)
+    parser.add_argument("--publishers", type=int, default=4)
+    parser.add_argument("--json", type=Path, default=None, help="also write all results here")
+    args = parser.parse_args()
+    raise_fd_limit()
+    os.sched_setaffinity(0, {LOAD_CPU})   # the publisher and this driver: the load CPU
+    if "nchan" in args.kinds and not shutil.which("nginx"):
+        sys.exit("nginx is not installed: apt-get install -y nginx-light libnginx-mod-nchan")
+    kinds = args.kinds.split(",")
+    out = {"load_average": os.getloadavg(), "memory": [], "broadcast": [], "rate": []}
+    for n in [int(x) for x in args.memory.split(",") if int(x or 0)]:
+        for kind in kinds:
+            if kind.endswith("close"):
+                continue
+            result = memory(kind, n)
+            out["memory"].append(result)
+            print(f"memory   {kind:11} n={n:6}  {result['kb_per_poll']:6.2f} KB/poll", flush=True)
+    for n in [int(x) for x in args.broadcast.split(",") if int(x or 0)]:
+        for kind in kinds:
+            rounds = broadcast(kind, n, args.rounds)
+            out["broadcast"].extend(rounds)
+            for r in rounds:
+                print(f"bcast    {kind:11} n={n:6} r{r['round']}  p50 {r['p50_ms']:7.1f}  p99 {r['p99_ms']:7.1f}  "
+                      f"all {r['all_ms']:7.1f} ms  cpu {r['cpu_ms']:7.1f} ms  repark {r['repark_s']:.3f} s",
+                      flush=True)
+    if args.rate_polls:
+        for kind in kinds:
+            if kind.endswith("close"):
+                continue
+            result = rate(kind, args.rate_polls, args.rate_seconds, args.publishers)
+            out["rate"].append(result)
+            print(f"rate     {kind:11} n={args.rate_polls:6}  {result['delivered_per_s']:8.0f} delivered/s  "
+                  f"({result['published_per_s']:.0f} published/s, server CPU {result['server_cpu_share']:.0%})",
+                  flush=True)
+    out["load_average_end"] = os.getloadavg()
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
