@@ -1,17 +1,20 @@
 """The lean WAIT engine: a waiting poll holds no greenlet.
 
-A greenlet reads and answers a request. When the request has to wait, the
-greenlet parks the connection and ends: a waiting poll is then its socket,
-a :class:`LeanPoll` and a read watcher (to notice a client that leaves).
-The publisher's fan-out writes the prebuilt body straight to each socket
-and closes it, or keeps it for the browser's next poll.
+Requests are read, answered and parked from the event loop's callbacks,
+on non-blocking sockets: with ``TCP_DEFER_ACCEPT`` a connection is
+accepted with its request already there, and a browser's next poll on a
+kept-alive connection arrives whole. A waiting poll is its socket, a
+:class:`LeanPoll` and a read watcher (to notice a client that leaves);
+the publisher's fan-out writes the prebuilt body straight to each socket.
+Only a request that arrives in pieces, or an answer the socket cannot
+take at once, borrows a greenlet until it is done.
 
-Connection states, each a few fields of :class:`LeanPoll`:
+A connection's states:
 
-    reading  --(must wait)-->  parked  --(body, timeout)-->  closed
-       ^                          |
-       |                  (kept alive)
-       +------ idle <-------------+   (a watcher waits for the next request)
+    reading --(must wait)--> parked --(body, timeout)--> answered
+       ^                                                   |
+       +---------------- idle <---- (kept alive) ----------+
+                                    (otherwise closed)
 """
 from __future__ import annotations
 
@@ -36,13 +39,16 @@ log = logging.getLogger("realplexor.wait")
 READ_SIZE = 8192
 # Bytes a request may carry besides what WAIT_MAXLEN counts (headers).
 MAX_HEAD_BYTES = 16384
-# Seconds a client may take to send its request.
+# Seconds a client may take to send its request, and to take an answer.
 REQUEST_TIMEOUT = 30.0
 # Seconds a kept-alive connection may sit idle between polls.
 KEEPALIVE_IDLE = 30.0
 SWEEP_INTERVAL = 0.25
+_FIRST_CHUNK = b"3\r\n \r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _READ = 1
+# What happens to a connection once its answer is out.
+_CLOSE, _IDLE, _PARK = "close", "idle", "park"
 
 
 class _Request:
@@ -72,15 +78,16 @@ class _Request:
 class LeanPoll:
     """One connection of the lean engine, and the listener it registers."""
 
-    __slots__ = ("cursors", "engine", "keep_alive", "sock", "watcher", "pending")
+    __slots__ = ("cursors", "engine", "keep_alive", "sock", "watcher", "parked", "pending")
 
-    def __init__(self, cursors: dict[str, Decimal | None], engine: "LeanWaitServer", keep_alive: bool):
-        self.cursors = cursors
+    def __init__(self, engine: "LeanWaitServer", sock: socket.socket, watcher):
+        self.cursors: dict[str, Decimal | None] = {}
         self.engine = engine
-        self.keep_alive = keep_alive
-        self.sock: socket.socket | None = None      # set once parked
-        self.watcher = None
-        self.pending: bytes | None = None           # a body that came while still setting up
+        self.keep_alive = False
+        self.sock = sock
+        self.watcher = watcher
+        self.parked = False
+        self.pending: bytes | None = None     # a body that came before the poll was parked
 
     def deliver(self, body: bytes) -> None:
         """Called by the channel state: write the body out now."""
@@ -88,16 +95,18 @@ class LeanPoll:
 
 
 class LeanWaitServer(StreamServer):
-    """Serves the WAIT line with a greenlet per request, none per waiting poll."""
+    """Serves the WAIT line from event-loop callbacks; no greenlet per poll."""
 
     def __init__(self, listener, line: WaitLine, state: ChannelState, **kwargs):
-        super().__init__(listener, **kwargs)
+        # spawn=None: each accepted connection is handled in the accept
+        # callback itself, which never blocks.
+        super().__init__(listener, spawn=None, **kwargs)
         self.line = line
         self.state = state
         self._loop = get_hub().loop
         # parked polls -> when WAIT_TIMEOUT ends their wait
         self._parked: Deadlines[LeanPoll] = Deadlines()
-        # kept-alive connections between polls -> when they are closed
+        # connections waiting for a request (new or kept alive) -> when they are closed
         self._idle: Deadlines[LeanPoll] = Deadlines()
         self._heads: dict[tuple, bytes] = {}
         self._framed_for: bytes | None = None
@@ -113,86 +122,113 @@ class LeanWaitServer(StreamServer):
     def stop(self, timeout=None) -> None:
         if self._sweeper is not None:
             self._sweeper.kill(block=False)
-        for poll in list(self._parked):
-            self.state.unlisten(poll)
-            self._close(poll)
-        for poll in list(self._idle):
-            self._close(poll)
+        for conn in list(self._parked):
+            self.state.unlisten(conn)
+            self._close(conn)
+        for conn in list(self._idle):
+            self._close(conn)
         self._parked.clear()
         self._idle.clear()
         super().stop(timeout)
 
-    # -- reading and answering (in a greenlet) ------------------------------
+    def reconfigure(self) -> None:
+        """Forget cached headers after a reload."""
+        self._heads.clear()
+
+    # -- reading -------------------------------------------------------------
 
     def handle(self, sock, address) -> None:
-        """StreamServer's per-connection entry; the server closes ``sock`` after."""
+        """A new connection (in the accept callback: must not block)."""
+        raw = socket.socket(fileno=sock.detach())
+        raw.setblocking(False)
+        conn = LeanPoll(self, raw, self._loop.io(raw.fileno(), _READ))
+        self._read_now(conn)
+
+    def _on_readable(self, conn: LeanPoll) -> None:
+        conn.watcher.stop()
+        self._idle.cancel(conn)
+        self._read_now(conn)
+
+    def _read_now(self, conn: LeanPoll) -> None:
         try:
-            self._serve(sock)
-        except OSError as exc:
-            log.debug("WAIT %s: connection lost: %s", address[0], exc)
-
-    def _serve(self, sock) -> None:
-        sock.settimeout(REQUEST_TIMEOUT)
-        while True:
-            request, version = self._read_request(sock)
-            if request is None:
-                return
-            method = version[0]
-            result = self.line.answer(method, request.url.decode("latin-1"),
-                                      request.headers.get, lambda limit: request.body[:limit])
-            if isinstance(result, Reply):
-                sock.sendall(_render_reply(result))
-                return
-            keep_alive = wants_keep_alive(version[1], request.headers.get("connection"))
-            poll = LeanPoll(result.listened(), self, keep_alive)
-            body = self.state.listen(poll)
-            head = self._head(request.headers.get("origin"), keep_alive)
-            if body is not None:
-                sock.sendall(head + self._frame(FIRST_BYTES + body, keep_alive, last=True))
-                if keep_alive:
-                    continue
-                return
-            sock.sendall(head + (b"3\r\n \r\n\r\n" if keep_alive else FIRST_BYTES))
-            if poll.pending is not None:
-                # Delivered while the headers were going out.
-                sock.sendall(self._frame(poll.pending, keep_alive, last=True))
-                if keep_alive:
-                    continue
-                return
-            self._park(poll, sock)
+            data = conn.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            self._wait_for_request(conn, REQUEST_TIMEOUT)
             return
-
-    def _read_request(self, sock) -> tuple[_Request | None, tuple[str, str]]:
+        except OSError:
+            self._close(conn)
+            return
+        if not data:
+            self._close(conn)
+            return
         request = _Request()
         parser = httptools.HttpRequestParser(request)
-        limit = self.line.config.WAIT_MAXLEN + MAX_HEAD_BYTES
-        received = 0
-        while not request.complete:
-            try:
-                data = sock.recv(READ_SIZE)
-            except OSError:
-                return None, ("", "")
-            if not data:
-                return None, ("", "")
-            received += len(data)
-            try:
-                if received > limit:
-                    raise ProtocolError(413, f"request longer than WAIT_MAXLEN "
-                                             f"({self.line.config.WAIT_MAXLEN} bytes) plus headers")
-                parser.feed_data(data)
-            except ProtocolError as error:
-                self._refuse(sock, error)
-                return None, ("", "")
-            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-                self._refuse(sock, ProtocolError(400, f"malformed HTTP request: {exc or 'upgrade'}"))
-                return None, ("", "")
-        return request, (parser.get_method().decode("latin-1"), parser.get_http_version())
+        refusal = self._feed(parser, data, len(data))
+        if refusal is not None:
+            self._send(conn, refusal, _CLOSE)
+        elif request.complete:
+            self._respond(conn, request, parser)
+        else:
+            gevent.spawn(self._read_rest, conn, request, parser, len(data))
 
-    def _refuse(self, sock, error: ProtocolError) -> None:
+    def _feed(self, parser, data: bytes, received: int) -> bytes | None:
+        """Feed the parser; for a bad or oversized request, the answer to send."""
         try:
-            sock.sendall(_render_reply(error_reply(error)))
+            if received > self.line.config.WAIT_MAXLEN + MAX_HEAD_BYTES:
+                raise ProtocolError(413, f"request longer than WAIT_MAXLEN "
+                                         f"({self.line.config.WAIT_MAXLEN} bytes) plus headers")
+            parser.feed_data(data)
+        except ProtocolError as error:
+            return _render_reply(error_reply(error))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            return _render_reply(error_reply(ProtocolError(400, f"malformed HTTP request: {exc or 'upgrade'}")))
+        return None
+
+    def _read_rest(self, conn: LeanPoll, request: _Request, parser, received: int) -> None:
+        """A request that came in pieces: read the rest in this greenlet."""
+        sock = gevent.socket.socket(fileno=conn.sock.detach())
+        conn.sock = None
+        sock.settimeout(REQUEST_TIMEOUT)
+        try:
+            while not request.complete:
+                data = sock.recv(READ_SIZE)
+                if not data:
+                    raise ConnectionError("closed mid-request")
+                received += len(data)
+                refusal = self._feed(parser, data, received)
+                if refusal is not None:
+                    sock.sendall(refusal)
+                    raise ConnectionError("request refused")
         except OSError:
-            pass
+            sock.close()
+            self._close(conn)
+            return
+        conn.sock = socket.socket(fileno=sock.detach())
+        conn.sock.setblocking(False)
+        self._respond(conn, request, parser)
+
+    def _wait_for_request(self, conn: LeanPoll, patience: float) -> None:
+        conn.watcher.start(self._on_readable, conn)
+        self._idle.set(conn, time.monotonic() + patience)
+
+    # -- answering -------------------------------------------------------------
+
+    def _respond(self, conn: LeanPoll, request: _Request, parser) -> None:
+        result = self.line.answer(parser.get_method().decode("latin-1"), request.url.decode("latin-1"),
+                                  request.headers.get, lambda limit: request.body[:limit])
+        if isinstance(result, Reply):
+            self._send(conn, _render_reply(result), _CLOSE)
+            return
+        keep_alive = wants_keep_alive(parser.get_http_version(), request.headers.get("connection"))
+        conn.keep_alive = keep_alive
+        conn.cursors = result.listened()
+        conn.pending = None
+        body = self.state.listen(conn)
+        head = self._head(request.headers.get("origin"), keep_alive)
+        if body is not None:
+            self._send(conn, head + self._frame(FIRST_BYTES + body, keep_alive), _IDLE if keep_alive else _CLOSE)
+        else:
+            self._send(conn, head + (_FIRST_CHUNK if keep_alive else FIRST_BYTES), _PARK)
 
     def _head(self, origin: str | None, keep_alive: bool) -> bytes:
         key = (origin, keep_alive)
@@ -207,96 +243,99 @@ class LeanWaitServer(StreamServer):
             self._heads[key] = head
         return head
 
-    def reconfigure(self) -> None:
-        """Forget cached headers after a reload."""
-        self._heads.clear()
-
-    # -- parking and waking (no greenlet) -----------------------------------
-
-    def _park(self, poll: LeanPoll, sock) -> None:
-        raw = socket.socket(fileno=sock.detach())
-        raw.setblocking(False)
-        poll.sock = raw
-        poll.watcher = self._loop.io(raw.fileno(), _READ)
-        poll.watcher.start(self._on_parked_readable, poll)
-        self._parked.set(poll, time.monotonic() + self.line.config.WAIT_TIMEOUT)
-
-    def deliver(self, poll: LeanPoll, body: bytes) -> None:
-        """Write ``body`` to a parked poll, then close it or keep it for the next poll."""
-        if poll.sock is None:
-            poll.pending = body
-            return
-        self._parked.cancel(poll)
-        poll.watcher.stop()
-        if poll.keep_alive:
-            if body is not self._framed_for:
-                # Every listener of a publish gets the same body: frame it once.
-                self._framed_for, self._framed = body, self._frame(body, True, last=True)
-            data = self._framed
-        else:
-            data = body
-        self._write_then_finish(poll, data)
-
-    def _write_then_finish(self, poll: LeanPoll, data: bytes) -> None:
+    def _send(self, conn: LeanPoll, data: bytes, then: str) -> None:
+        """Write ``data`` without blocking (a greenlet finishes what does not fit)."""
         try:
-            sent = poll.sock.send(data)
+            sent = conn.sock.send(data)
         except BlockingIOError:
             sent = 0
         except OSError:
-            self._close(poll)
+            self._drop(conn)
             return
         if sent < len(data):
-            gevent.spawn(self._resume_in_greenlet, poll, data[sent:])
+            gevent.spawn(self._send_rest, conn, data[sent:], then)
         else:
-            self._finish(poll)
+            self._after_send(conn, then)
 
-    def _resume_in_greenlet(self, poll: LeanPoll, unsent: bytes = b"") -> None:
-        """Take a connection back into a greenlet: finish writing, serve the next poll."""
-        poll.watcher.close()
-        sock = gevent.socket.socket(fileno=poll.sock.detach())
-        poll.sock = None
+    def _send_rest(self, conn: LeanPoll, data: bytes, then: str) -> None:
+        sock = gevent.socket.socket(fileno=conn.sock.detach())
+        conn.sock = None
+        sock.settimeout(REQUEST_TIMEOUT)
         try:
-            sock.settimeout(REQUEST_TIMEOUT)
-            if unsent:
-                sock.sendall(unsent)
-            if poll.keep_alive:
-                self._serve(sock)
+            sock.sendall(data)
         except OSError:
-            pass
-        finally:
             sock.close()
-
-    def _finish(self, poll: LeanPoll) -> None:
-        if not poll.keep_alive:
-            self._close(poll)
+            self._drop(conn)
             return
-        poll.cursors = {}
-        poll.pending = None
-        poll.watcher.start(self._on_idle_readable, poll)
-        self._idle.set(poll, time.monotonic() + KEEPALIVE_IDLE)
+        conn.sock = socket.socket(fileno=sock.detach())
+        conn.sock.setblocking(False)
+        self._after_send(conn, then)
 
-    def _on_parked_readable(self, poll: LeanPoll) -> None:
-        gone = peer_closed(poll.sock)
+    def _after_send(self, conn: LeanPoll, then: str) -> None:
+        if then == _PARK:
+            self._park(conn)
+        elif then == _IDLE:
+            conn.cursors = {}
+            self._wait_for_request(conn, KEEPALIVE_IDLE)
+        else:
+            self._close(conn)
+
+    # -- parking and waking ------------------------------------------------------
+
+    def _park(self, conn: LeanPoll) -> None:
+        if conn.pending is not None:
+            # Delivered while the headers were going out.
+            body, conn.pending = conn.pending, None
+            self._answer_parked(conn, body)
+            return
+        conn.parked = True
+        conn.watcher.start(self._on_parked_readable, conn)
+        self._parked.set(conn, time.monotonic() + self.line.config.WAIT_TIMEOUT)
+
+    def deliver(self, conn: LeanPoll, body: bytes) -> None:
+        """Write ``body`` to a parked poll, then close it or keep it for the next poll."""
+        if not conn.parked:
+            conn.pending = body
+            return
+        conn.parked = False
+        self._parked.cancel(conn)
+        conn.watcher.stop()
+        self._answer_parked(conn, body)
+
+    def _answer_parked(self, conn: LeanPoll, body: bytes) -> None:
+        if not conn.keep_alive:
+            self._send(conn, body, _CLOSE)
+            return
+        if body is not self._framed_for:
+            # Every listener of a publish gets the same body: frame it once.
+            self._framed_for, self._framed = body, self._frame(body, True)
+        self._send(conn, self._framed, _IDLE)
+
+    def _on_parked_readable(self, conn: LeanPoll) -> None:
+        gone = peer_closed(conn.sock)
         if gone is None:
             return
-        poll.watcher.stop()
+        conn.watcher.stop()
         if gone:
-            self._parked.cancel(poll)
-            self.state.unlisten(poll)
-            self._close(poll)
+            self._drop(conn)
 
-    def _on_idle_readable(self, poll: LeanPoll) -> None:
-        poll.watcher.stop()
-        self._idle.cancel(poll)
-        gevent.spawn(self._resume_in_greenlet, poll)
+    def _drop(self, conn: LeanPoll) -> None:
+        """The client left: forget its poll and close."""
+        if conn.parked:
+            conn.parked = False
+            self._parked.cancel(conn)
+        self.state.unlisten(conn)
+        self._close(conn)
 
-    def _close(self, poll: LeanPoll) -> None:
-        if poll.watcher is not None:
-            poll.watcher.stop()
-            poll.watcher.close()
-        if poll.sock is not None:
-            poll.sock.close()
-            poll.sock = None
+    def _close(self, conn: LeanPoll) -> None:
+        self._idle.cancel(conn)
+        if conn.watcher is not None:
+            conn.watcher.stop()
+            conn.watcher.close()
+            conn.watcher = None
+        if conn.sock is not None:
+            conn.sock.close()
+            conn.sock = None
 
     # -- timeouts ------------------------------------------------------------
 
@@ -309,21 +348,23 @@ class LeanWaitServer(StreamServer):
                 log.exception("lean WAIT engine: sweeping timeouts failed")
 
     def _sweep(self, now: float) -> None:
-        for poll in self._parked.pop_due(now):
-            self.state.unlisten(poll)
-            poll.watcher.stop()
-            if poll.keep_alive:
-                self._write_then_finish(poll, _LAST_CHUNK)
+        for conn in self._parked.pop_due(now):
+            conn.parked = False
+            self.state.unlisten(conn)
+            conn.watcher.stop()
+            if conn.keep_alive:
+                self._send(conn, _LAST_CHUNK, _IDLE)
             else:
-                self._close(poll)
-        for poll in self._idle.pop_due(now):
-            self._close(poll)
+                self._close(conn)
+        for conn in self._idle.pop_due(now):
+            self._close(conn)
 
     @staticmethod
-    def _frame(data: bytes, keep_alive: bool, last: bool) -> bytes:
+    def _frame(data: bytes, keep_alive: bool) -> bytes:
+        """A whole body: as is, or as one chunk and the last chunk."""
         if not keep_alive:
             return data
-        return b"%x\r\n%s\r\n%s" % (len(data), data, _LAST_CHUNK if last else b"")
+        return b"%x\r\n%s\r\n%s" % (len(data), data, _LAST_CHUNK)
 
 
 def _render_head(status: str, headers) -> bytes:

@@ -557,3 +557,33 @@ def test_wsgi_handler_sends_headers_and_first_bytes_in_one_send(tmp_path):
     worker.join(timeout=5)
     server_side.close()
     client_side.close()
+
+
+def test_request_arriving_in_pieces_is_served(server, cid):
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        sock.sendall(f"GET /?identifier={cid}a HTTP/1.1\r\n".encode())
+        time.sleep(0.2)
+        sock.sendall(b"Host: x\r\n")
+        time.sleep(0.2)
+        sock.sendall(b"\r\n")
+        server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
+        server.publish(f"{cid}a", '"pieces"')
+        response = parse_response(read_to_eof(sock))
+    assert json.loads(response.body[3:])[0]["data"] == "pieces"
+
+
+def test_kept_alive_poll_after_a_request_in_pieces(server, cid):
+    conn = KeptAlive(server.wait_port)
+    try:
+        conn.sock.sendall(f"GET /?identifier={cid}a HTTP/1.1\r\nHost: x\r\n".encode())
+        time.sleep(0.2)
+        conn.sock.sendall(b"Connection: keep-alive\r\n\r\n")
+        server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
+        server.publish(f"{cid}a", '"one"')
+        cursor = json.loads(conn.read_response()[1])[0]["ids"][f"{cid}a"]
+        conn.send_poll(f"identifier={cursor}:{cid}a")
+        server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
+        server.publish(f"{cid}a", '"two"')
+        assert [p["data"] for p in json.loads(conn.read_response()[1])] == ["two"]
+    finally:
+        conn.close()
