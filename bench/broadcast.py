@@ -157,7 +157,10 @@ def main() -> None:
                         help="record the server with py-spy per phase into DIR; print each top 15")
     parser.add_argument("--gc-trace", action="store_true",
                         help="run the server under gc_trace.py and report its collector time")
+    parser.add_argument("--engine", choices=["wsgi", "lean"], default="wsgi",
+                        help="the server's WAIT_ENGINE (default wsgi)")
     args = parser.parse_args()
+    SERVER_OPTIONS["WAIT_ENGINE"] = args.engine
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     print(f"{args.n} subscribers, {args.rounds} rounds, load average "

@@ -79,7 +79,10 @@ def main() -> None:
                         help="seconds of quiet before reading RSS (default 2)")
     parser.add_argument("--minimal-headers", action="store_true",
                         help="send only the request line and Host, not a browser's headers")
+    parser.add_argument("--engine", choices=["wsgi", "lean"], default="wsgi",
+                        help="the server's WAIT_ENGINE (default wsgi)")
     args = parser.parse_args()
+    SERVER_OPTIONS["WAIT_ENGINE"] = args.engine
     result = measure(args.n, args.channels, args.clients, args.settle,
                      "" if args.minimal_headers else BROWSER_HEADERS)
     print(f"idle polls:      {result['n']} on {result['channels']} channel(s), "

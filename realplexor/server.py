@@ -111,7 +111,11 @@ class Realplexor:
 
     def _bind(self, option: str, addr: str, make) -> StreamServer:
         try:
-            server = make(listen_socket(*parse_address(addr, option), defer_accept=option == "WAIT_ADDR"))
+            # Deferred accept suits the lean engine, which reads the request in
+            # the accept callback; under the WSGI engine a burst of thousands of
+            # connects left some unaccepted for over a minute, so it is not used.
+            defer = option == "WAIT_ADDR" and self.config.WAIT_ENGINE == "lean"
+            server = make(listen_socket(*parse_address(addr, option), defer_accept=defer))
             server.start()
         except ConfigError as exc:
             raise StartError(str(exc)) from None
