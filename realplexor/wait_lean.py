@@ -141,6 +141,9 @@ class LeanWaitServer(StreamServer):
         """A new connection (in the accept callback: must not block)."""
         raw = socket.socket(fileno=sock.detach())
         raw.setblocking(False)
+        # The body follows the headers in a second write: without this it
+        # may wait 40 ms for the client's delayed ACK.
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = LeanPoll(self, raw, self._loop.io(raw.fileno(), _READ))
         self._read_now(conn)
 

@@ -127,6 +127,9 @@ class LongPollHandler(WSGIHandler):
         self.client_address = address
         self.server = server
         self.rfile = sock.makefile("rb", self.READ_BUFFER)
+        # The body follows the headers in a second write: without this it
+        # may wait 40 ms for the client's delayed ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def get_environ(self) -> dict:
         environ = super().get_environ()
