@@ -18,6 +18,7 @@ A connection's states:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -143,7 +144,8 @@ class LeanWaitServer(StreamServer):
         raw.setblocking(False)
         # The body follows the headers in a second write: without this it
         # may wait 40 ms for the client's delayed ACK.
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with contextlib.suppress(OSError):   # not a TCP socket (a UNIX one)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = LeanPoll(self, raw, self._loop.io(raw.fileno(), _READ))
         self._read_now(conn)
 

@@ -7,6 +7,7 @@ standalone server runs it under gevent's WSGIServer with
 """
 from __future__ import annotations
 
+import contextlib
 import socket
 from decimal import Decimal
 from typing import Callable, Iterable, Iterator
@@ -129,7 +130,8 @@ class LongPollHandler(WSGIHandler):
         self.rfile = sock.makefile("rb", self.READ_BUFFER)
         # The body follows the headers in a second write: without this it
         # may wait 40 ms for the client's delayed ACK.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with contextlib.suppress(OSError):   # not a TCP socket (a UNIX one)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def get_environ(self) -> dict:
         environ = super().get_environ()
