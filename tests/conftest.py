@@ -438,3 +438,24 @@ def wait_parts(response: Response) -> list:
     assert response.body.startswith(b" \r\n"), response.body[:20]
     rest = response.body[3:]
     return json.loads(rest) if rest.strip() else []
+
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+BROWSER_WAIT_MS = 10_000
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (Debian's, or the CHROMIUM variable) driven by Playwright."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (install Debian's chromium or set CHROMIUM)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="Playwright for Python is not installed (pip install playwright)")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                              timeout=BROWSER_WAIT_MS * 3)
+        yield chromium
+        chromium.close()

@@ -12,7 +12,6 @@ variable); no browser is downloaded.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -23,18 +22,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"no Chromium at {CHROMIUM} (install Debian's chromium or set CHROMIUM)",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="Playwright for Python is not installed (pip install playwright)")
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-WAIT_MS = 10_000
+from conftest import BROWSER_WAIT_MS as WAIT_MS
 
 HARNESS = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Realplexor client test</title>
@@ -102,15 +92,6 @@ def site():
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                              timeout=WAIT_MS * 3)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

@@ -18,17 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import spawn, wait_parts, write_config
+from conftest import BROWSER_WAIT_MS, spawn, wait_parts, write_config
 from realplexor.client import Realplexor
 from realplexor.demo.app import Sandbox, SandboxServer
 from realplexor.demo.messages import BadInput, parse_post
 from realplexor.demo.online import OnlineList
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-WAIT_MS = 10_000
+WAIT_MS = BROWSER_WAIT_MS
 NAMESPACE = "demo_"
 
 
@@ -73,19 +69,6 @@ def demo(server_factory):
     running = Demo(server_factory(OFFLINE_TIMEOUT=1, WAIT_TIMEOUT=30))
     yield running
     running.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (install Debian's chromium or set CHROMIUM)")
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="Playwright for Python is not installed")
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                              timeout=WAIT_MS * 3)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
