@@ -25,6 +25,7 @@ _HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
 _CONTENT_LENGTH_RE = re.compile(rb"^content-length:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.I | re.M)
 _COMMAND_LINE_RE = re.compile(
     rb"[ \t]*(online|watch|stats)(?:[ \t]+([^\r\n]*?))?[ \t]*(?:\r?\n|\Z)", re.I)
+_COMMAND_WORD_RE = re.compile(rb"[A-Z]+(?=\s|\Z)")
 _marker_patterns: dict[str, re.Pattern[str]] = {}
 
 
@@ -174,6 +175,9 @@ def parse_in_request(buf: bytes, eof: bool, marker: str = "identifier") -> InReq
     body = _complete_body(head, body, eof)
     if body is None:
         return None
+    if not body.strip() and _COMMAND_WORD_RE.fullmatch(first_line.strip()):
+        raise ProtocolError(400, f"{first_line.strip().decode()!r} is not a command "
+                                 "(ONLINE, WATCH, STATS); nothing done")
     identifier = _head_identifier(head, marker)
     command = _COMMAND_LINE_RE.fullmatch(body.strip() + b"\n") if body.strip() else None
     if command is not None:
@@ -214,6 +218,10 @@ def _checked_data(body: bytes) -> bytes:
     except UnicodeDecodeError:
         raise ProtocolError(400, "data is not valid UTF-8; nothing published") from None
     except simplejson.JSONDecodeError as exc:
+        word = _COMMAND_WORD_RE.match(data)
+        if word:
+            raise ProtocolError(400, f"data is not valid JSON, and {word.group(0).decode()!r} is not a "
+                                     "command (ONLINE, WATCH, STATS); nothing done") from None
         raise ProtocolError(400, f"data is not valid JSON ({exc}); nothing published") from None
     return bytes(data)
 

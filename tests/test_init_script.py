@@ -152,3 +152,19 @@ def test_usage(service):
     result = service.run("bogus")
     assert result.returncode == 2
     assert "Usage:" in result.stderr
+
+
+def test_link_name_names_the_service(service):
+    link = service.root / "S85rpl-site"
+    link.symlink_to(SCRIPT)
+    env = {**os.environ, "REALPLEXOR_DEFAULTS": str(service.defaults)}
+    started = subprocess.run(["bash", str(link), "start"], capture_output=True, text=True,
+                             timeout=30, env=env, cwd=service.root)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "rpl-site main: started" in started.stdout
+        wait_until(lambda: "realplexor started" in
+                   (service.root / "rpl-site-main.log").read_text()
+                   if (service.root / "rpl-site-main.log").exists() else False)
+    finally:
+        subprocess.run(["bash", str(link), "stop"], capture_output=True, timeout=30, env=env)
