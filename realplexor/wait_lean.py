@@ -191,9 +191,7 @@ class LeanWaitServer(StreamServer):
 
     def _read_rest(self, conn: LeanPoll, request: _Request, parser, received: int) -> None:
         """A request that came in pieces: read the rest in this greenlet."""
-        sock = gevent.socket.socket(fileno=conn.sock.detach())
-        conn.sock = None
-        sock.settimeout(REQUEST_TIMEOUT)
+        sock = self._borrow(conn)
         try:
             while not request.complete:
                 data = sock.recv(READ_SIZE)
@@ -208,8 +206,7 @@ class LeanWaitServer(StreamServer):
             sock.close()
             self._close(conn)
             return
-        conn.sock = socket.socket(fileno=sock.detach())
-        conn.sock.setblocking(False)
+        self._give_back(conn, sock)
         self._respond(conn, request, parser)
 
     def _wait_for_request(self, conn: LeanPoll, patience: float) -> None:
@@ -263,18 +260,29 @@ class LeanWaitServer(StreamServer):
             self._after_send(conn, then)
 
     def _send_rest(self, conn: LeanPoll, data: bytes, then: str) -> None:
-        sock = gevent.socket.socket(fileno=conn.sock.detach())
-        conn.sock = None
-        sock.settimeout(REQUEST_TIMEOUT)
+        sock = self._borrow(conn)
         try:
             sock.sendall(data)
         except OSError:
             sock.close()
             self._drop(conn)
             return
+        self._give_back(conn, sock)
+        self._after_send(conn, then)
+
+    @staticmethod
+    def _borrow(conn: LeanPoll):
+        """The connection as a blocking gevent socket, for a greenlet."""
+        sock = gevent.socket.socket(fileno=conn.sock.detach())
+        conn.sock = None
+        sock.settimeout(REQUEST_TIMEOUT)
+        return sock
+
+    @staticmethod
+    def _give_back(conn: LeanPoll, sock) -> None:
+        """The connection back as a non-blocking socket, for the callbacks."""
         conn.sock = socket.socket(fileno=sock.detach())
         conn.sock.setblocking(False)
-        self._after_send(conn, then)
 
     def _after_send(self, conn: LeanPoll, then: str) -> None:
         if then == _PARK:
