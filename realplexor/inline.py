@@ -2,17 +2,24 @@
 
 One connection carries one request. It is served as soon as it is
 complete: when ``Content-Length`` body bytes have arrived, or when the
-client closes its writing side, whichever comes first.
+client closes its writing side, whichever comes first. Connections are
+served from event-loop callbacks (see :mod:`realplexor.eventloop`), so
+a publish costs no greenlet.
 """
 from __future__ import annotations
 
 import logging
 import socket
+import time
 from typing import Sequence
+
+import gevent
 
 from .auth import Principal, Users
 from .channels import ChannelState
 from .config import VERBOSE, Config
+from .deadlines import Deadlines
+from .eventloop import READ, Acceptor, Sweeper, lend
 from .protocol import (InRequest, ProtocolError, parse_in_request, render_error,
                        render_in_reply, render_online, render_watch)
 
@@ -22,10 +29,13 @@ RECV_SIZE = 65536
 # After an early reply: how long, and how much, to read before closing.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 16 * 1024 * 1024
+SWEEP_INTERVAL = 0.25
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_OK = render_in_reply(200)
 
 
 class InLine:
-    """Serves IN-line connections over a channel state and a users file."""
+    """What each IN-line request gets, over a channel state and a users file."""
 
     def __init__(self, config: Config, state: ChannelState, users: Users):
         self.state = state
@@ -36,74 +46,38 @@ class InLine:
         self.config = config
         self.users = users
 
-    def handle(self, sock: socket.socket, address: tuple) -> None:
-        """Read one request from ``sock``, serve it, reply and close."""
-        try:
-            reply, finished = self._read_and_serve(sock, address)
-            sock.sendall(reply)
-            if not finished:
-                _close_gently(sock)
-        except OSError as exc:
-            log.debug("IN %s: connection lost: %s", _peer(address), exc)
-        finally:
-            sock.close()
-
-    def _read_and_serve(self, sock: socket.socket, address: tuple) -> tuple[bytes, bool]:
-        """The reply, and whether the client had finished sending (closed its side)."""
-        config = self.config
-        sock.settimeout(config.IN_TIMEOUT)
-        buf = bytearray()
-        while True:
-            try:
-                chunk = sock.recv(RECV_SIZE)
-            except socket.timeout:
-                log.info("IN %s: idle for IN_TIMEOUT, closed", _peer(address))
-                return render_error(ProtocolError(
-                    408, f"no complete request within IN_TIMEOUT ({config.IN_TIMEOUT:g} s); nothing done")), False
-            buf += chunk
-            if len(buf) > config.IN_MAXLEN:
-                log.info("IN %s: request over IN_MAXLEN", _peer(address))
-                return render_error(ProtocolError(
-                    413, f"request longer than IN_MAXLEN ({config.IN_MAXLEN} bytes); nothing published")), False
-            try:
-                request = parse_in_request(buf, not chunk, config.IDENTIFIER)
-            except ProtocolError as error:
-                log.info("IN %s: %s %s", _peer(address), error.status, error.reason)
-                return render_error(error), not chunk
-            if request is not None:
-                return self.serve(request, _peer(address)), not chunk
-
-    def serve(self, request: InRequest, peer: str = "-") -> bytes:
+    def serve(self, request: InRequest, address: object = "-") -> bytes:
         """Authenticate and carry out one parsed request; the reply bytes."""
         try:
             principal = self.users.authenticate(request.identifier.login,
                                                 request.identifier.password)
             if request.command is None:
-                return self._publish(principal, request, peer)
-            log.log(VERBOSE, "IN %s: %s %s", peer, request.command, " ".join(request.args))
+                return self._publish(principal, request, address)
+            log.log(VERBOSE, "IN %s: %s %s", _peer(address), request.command, " ".join(request.args))
             if request.command == "ONLINE":
                 return self._online(principal, request.args)
             if request.command == "WATCH":
                 return self._watch(principal, request.args)
             return self._stats(principal)
         except ProtocolError as error:
-            log.info("IN %s: %s %s", peer, error.status, error.reason)
+            log.info("IN %s: %s %s", _peer(address), error.status, error.reason)
             return render_error(error)
 
-    def _publish(self, principal: Principal, request: InRequest, peer: str) -> bytes:
+    def _publish(self, principal: Principal, request: InRequest, address: object) -> bytes:
         targets = request.identifier.targets
         if not targets:
             raise ProtocolError(400, "no channel ids to publish to")
         allowed = [(item.id, item.cursor, item.cursor_text)
                    for item in targets if principal.may_touch(item.id)]
         if len(allowed) < len(targets):
-            log.info("IN %s: login %s may not publish to %s; skipped", peer, principal.login,
+            log.info("IN %s: login %s may not publish to %s; skipped", _peer(address), principal.login,
                      ",".join(item.id for item in targets if not principal.may_touch(item.id)))
         if allowed:
             placed = self.state.publish(allowed, request.data, request.identifier.limiters)
-            log.log(VERBOSE, "IN %s: published %d bytes to %s", peer, len(request.data),
-                      ",".join(f"{c}@{t}" for c, t in placed))
-        return render_in_reply(200)
+            if log.isEnabledFor(VERBOSE):
+                log.log(VERBOSE, "IN %s: published %d bytes to %s", _peer(address), len(request.data),
+                        ",".join(f"{c}@{t}" for c, t in placed))
+        return _OK
 
     def _online(self, principal: Principal, args: Sequence[str]) -> bytes:
         prefixes = _scoped(principal, args)
@@ -124,6 +98,196 @@ class InLine:
         return render_in_reply(200, self.state.stats())
 
 
+class _Connection:
+    """One IN-line connection being read, answered or closed."""
+
+    __slots__ = ("sock", "address", "watcher", "buf", "drained")
+
+    def __init__(self, sock: socket.socket, address: object, watcher):
+        self.sock = sock
+        self.address = address
+        self.watcher = watcher
+        self.buf = b""
+        self.drained = 0
+
+
+class InServer:
+    """Serves the IN line from event-loop callbacks: no greenlet per request.
+
+    A request is read as its bytes come, served by :class:`InLine` and
+    answered; the connection is then closed at once if the client has
+    nothing more to send. After an early reply (an error before the
+    request was read whole), the connection lingers, reading and
+    dropping input, so that the client reads the reply instead of a reset.
+    """
+
+    def __init__(self, listener: socket.socket, line: InLine):
+        self.line = line
+        self._acceptor = Acceptor(listener, self._accepted)
+        self.address = self._acceptor.address
+        self._loop = gevent.get_hub().loop
+        # connections with a partial request -> when IN_TIMEOUT ends them
+        self._reading: Deadlines[_Connection] = Deadlines()
+        # connections closing after an early reply -> when they are closed anyway
+        self._lingering: Deadlines[_Connection] = Deadlines()
+        self._sweeper = Sweeper(self._sweep, SWEEP_INTERVAL, "IN line")
+
+    def start(self) -> None:
+        """Begin serving."""
+        self._acceptor.start()
+        self._sweeper.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting and close every open connection."""
+        self._acceptor.close()
+        self._sweeper.stop()
+        for conn in [*self._reading, *self._lingering]:
+            self._close(conn)
+
+    # -- reading ---------------------------------------------------------------
+
+    def _accepted(self, sock: socket.socket, address: object) -> None:
+        conn = _Connection(sock, address, self._loop.io(sock.fileno(), READ))
+        self._read(conn)
+
+    def _read(self, conn: _Connection) -> None:
+        try:
+            chunk = conn.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            self._wait_for_more(conn)
+            return
+        except OSError as exc:
+            log.debug("IN %s: connection lost: %s", _peer(conn.address), exc)
+            self._close(conn)
+            return
+        eof = not chunk
+        buf = conn.buf = conn.buf + chunk if conn.buf else chunk
+        config = self.line.config
+        if len(buf) > config.IN_MAXLEN:
+            log.info("IN %s: request over IN_MAXLEN", _peer(conn.address))
+            self._answer(conn, render_error(ProtocolError(
+                413, f"request longer than IN_MAXLEN ({config.IN_MAXLEN} bytes); nothing published")),
+                eof, early=True)
+            return
+        try:
+            request = parse_in_request(buf, eof, config.IDENTIFIER)
+        except ProtocolError as error:
+            log.info("IN %s: %s %s", _peer(conn.address), error.status, error.reason)
+            self._answer(conn, render_error(error), eof, early=True)
+            return
+        if request is None:
+            if eof:     # cannot happen: a request that ended is complete or refused
+                self._close(conn)
+            else:
+                self._wait_for_more(conn)
+            return
+        self._answer(conn, self.line.serve(request, conn.address), eof, early=False)
+
+    def _wait_for_more(self, conn: _Connection) -> None:
+        if conn not in self._reading:
+            conn.watcher.start(self._read, conn)
+        self._reading.set(conn, time.monotonic() + self.line.config.IN_TIMEOUT)
+
+    # -- answering and closing ---------------------------------------------------
+
+    def _answer(self, conn: _Connection, reply: bytes, eof: bool, early: bool) -> None:
+        """Send ``reply``, then close (lingering first after an early one)."""
+        self._reading.cancel(conn)
+        conn.watcher.stop()
+        conn.buf = b""
+        try:
+            sent = conn.sock.send(reply)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            log.debug("IN %s: connection lost: %s", _peer(conn.address), exc)
+            self._close(conn)
+            return
+        if sent < len(reply):
+            gevent.spawn(self._answer_in_greenlet, conn, reply[sent:], eof)
+        elif eof or (not early and _nothing_more(conn.sock)):
+            # Nothing unread: closing sends a plain FIN, and the reply arrives.
+            self._close(conn)
+        else:
+            self._linger(conn)
+
+    def _answer_in_greenlet(self, conn: _Connection, rest: bytes, eof: bool) -> None:
+        """A reply the socket could not take at once: finish it blocking."""
+        sock = lend(conn.sock, LINGER_SECONDS + self.line.config.IN_TIMEOUT)
+        conn.sock = None
+        try:
+            sock.sendall(rest)
+            if not eof:
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(LINGER_SECONDS)
+                drained = 0
+                while drained < LINGER_BYTES:
+                    chunk = sock.recv(RECV_SIZE)
+                    if not chunk:
+                        break
+                    drained += len(chunk)
+        except OSError as exc:
+            log.debug("IN %s: connection lost: %s", _peer(conn.address), exc)
+        finally:
+            sock.close()
+            self._close(conn)
+
+    def _linger(self, conn: _Connection) -> None:
+        # Closing with unread input makes the kernel reset the connection,
+        # and the client may lose the reply (a 413 above all). Say we are
+        # done, then read and drop what still comes, for a little while.
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.watcher.start(self._drain, conn)
+        self._lingering.set(conn, time.monotonic() + LINGER_SECONDS)
+
+    def _drain(self, conn: _Connection) -> None:
+        try:
+            while conn.drained < LINGER_BYTES:
+                chunk = conn.sock.recv(RECV_SIZE)
+                if not chunk:
+                    break
+                conn.drained += len(chunk)
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._close(conn)
+
+    def _close(self, conn: _Connection) -> None:
+        self._reading.cancel(conn)
+        self._lingering.cancel(conn)
+        if conn.watcher is not None:
+            conn.watcher.stop()
+            conn.watcher.close()
+            conn.watcher = None
+        if conn.sock is not None:
+            conn.sock.close()
+            conn.sock = None
+
+    def _sweep(self, now: float) -> None:
+        for conn in self._reading.pop_due(now):
+            log.info("IN %s: idle for IN_TIMEOUT, closed", _peer(conn.address))
+            self._answer(conn, render_error(ProtocolError(
+                408, f"no complete request within IN_TIMEOUT ({self.line.config.IN_TIMEOUT:g} s); "
+                     "nothing done")), eof=False, early=True)
+        for conn in self._lingering.pop_due(now):
+            self._close(conn)
+
+
+def _nothing_more(sock: socket.socket) -> bool:
+    """Whether the client has sent nothing beyond what was read."""
+    try:
+        return sock.recv(1, _PEEK_FLAGS) == b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True
+
+
 def _scoped(principal: Principal, prefixes: Sequence[str]) -> Sequence[str] | None:
     """The id prefixes a client may query; None when it may see nothing.
 
@@ -134,26 +298,6 @@ def _scoped(principal: Principal, prefixes: Sequence[str]) -> Sequence[str] | No
         return prefixes
     own = [p for p in prefixes if p.startswith(principal.prefix)]
     return own or None
-
-
-def _close_gently(sock: socket.socket) -> None:
-    """Let the client read the reply before the connection goes.
-
-    Closing with unread input makes the kernel reset the connection, and
-    the client may lose the reply (a 413 above all). Say we are done,
-    then read and drop what still comes, for a little while.
-    """
-    sock.shutdown(socket.SHUT_WR)
-    sock.settimeout(LINGER_SECONDS)
-    drained = 0
-    try:
-        while drained < LINGER_BYTES:
-            chunk = sock.recv(RECV_SIZE)
-            if not chunk:
-                return
-            drained += len(chunk)
-    except OSError:
-        pass
 
 
 def _peer(address: tuple) -> str:

@@ -8,12 +8,11 @@ import socket
 import gevent
 import gevent.socket
 from gevent.pywsgi import WSGIServer
-from gevent.server import StreamServer
 
 from .auth import Users
 from .channels import ChannelState, MemoryChannels, Settings
 from .config import RESTART_ONLY, Config, ConfigError, parse_address
-from .inline import InLine
+from .inline import InLine, InServer
 from .pages import load_pages
 from .wait import WaitLine
 from .wait_lean import LeanWaitServer
@@ -86,7 +85,7 @@ class Realplexor:
         self.wait_app = WaitApp(self.wait_line, self.state)
         self.in_line = InLine(config, self.state, load_users(config))
         self.wait_servers: list[WSGIServer] = []
-        self.in_servers: list[StreamServer] = []
+        self.in_servers: list[InServer] = []
         self._housekeeper: gevent.Greenlet | None = None
 
     def start(self, wait_line: bool = True) -> None:
@@ -96,20 +95,20 @@ class Realplexor:
                 for addr in self.config.WAIT_ADDR:
                     self.wait_servers.append(self._bind("WAIT_ADDR", addr, self._wait_server))
             for addr in self.config.IN_ADDR:
-                self.in_servers.append(self._bind("IN_ADDR", addr, lambda listener: StreamServer(
-                    listener, self.in_line.handle)))
+                self.in_servers.append(self._bind("IN_ADDR", addr, lambda listener: InServer(
+                    listener, self.in_line)))
         except StartError:
             self.stop()
             raise
         self._housekeeper = gevent.spawn(self._housekeep)
 
-    def _wait_server(self, listener) -> StreamServer:
+    def _wait_server(self, listener):
         if self.config.WAIT_ENGINE == "lean":
             return LeanWaitServer(listener, self.wait_line, self.state)
         return WSGIServer(listener, self.wait_app, handler_class=LongPollHandler, log=None,
                           error_log=logging.getLogger("realplexor.wsgi"))
 
-    def _bind(self, option: str, addr: str, make) -> StreamServer:
+    def _bind(self, option: str, addr: str, make):
         try:
             # Deferred accept suits the lean engine, which reads the request in
             # the accept callback; under the WSGI engine a burst of thousands of

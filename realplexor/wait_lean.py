@@ -18,20 +18,18 @@ A connection's states:
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import time
 from decimal import Decimal
 
 import gevent
-import gevent.socket
 import httptools
 from gevent.hub import get_hub
-from gevent.server import StreamServer
 
 from .channels import ChannelState
 from .deadlines import Deadlines
+from .eventloop import READ, Acceptor, Sweeper, lend, take_back
 from .protocol import ProtocolError
 from .wait import FIRST_BYTES, Reply, WaitLine, error_reply, peer_closed, wants_keep_alive
 
@@ -47,33 +45,64 @@ KEEPALIVE_IDLE = 30.0
 SWEEP_INTERVAL = 0.25
 _FIRST_CHUNK = b"3\r\n \r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
-_READ = 1
+# The only request headers the WAIT line looks at.
+_WANTED_HEADERS = frozenset({b"origin", b"connection", b"content-length", b"if-modified-since",
+                             b"access-control-request-headers"})
 # What happens to a connection once its answer is out.
 _CLOSE, _IDLE, _PARK = "close", "idle", "park"
 
 
 class _Request:
-    """httptools callbacks: collects one request."""
+    """httptools callbacks: collects one request at a time.
 
-    __slots__ = ("url", "headers", "body", "complete")
+    One parser and its collector serve every request that arrives whole
+    (nearly all of them); a request that comes in pieces takes them
+    with it, and fresh ones take their place.
+    """
+
+    __slots__ = ("url", "headers", "body", "complete", "pipelined")
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the last request."""
         self.url = b""
         self.headers: dict[str, str] = {}
         self.body = b""
         self.complete = False
+        self.pipelined = False
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second request in the same read: answered by closing after the first.
+            self.pipelined = True
 
     def on_url(self, url: bytes) -> None:
-        self.url += url
+        if not self.complete:
+            self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        name = name.lower()
+        if name in _WANTED_HEADERS and not self.complete:
+            self.headers[name.decode("ascii")] = value.decode("latin-1")
 
     def on_body(self, body: bytes) -> None:
-        self.body += body
+        if not self.complete:
+            self.body += body
 
     def on_message_complete(self) -> None:
         self.complete = True
+
+
+class _Parse:
+    """One request's collector and parser, with the method and version once done."""
+
+    __slots__ = ("request", "parser")
+
+    def __init__(self) -> None:
+        self.request = _Request()
+        self.parser = httptools.HttpRequestParser(self.request)
 
 
 class LeanPoll:
@@ -95,16 +124,16 @@ class LeanPoll:
         self.engine.deliver(self, body)
 
 
-class LeanWaitServer(StreamServer):
+class LeanWaitServer:
     """Serves the WAIT line from event-loop callbacks; no greenlet per poll."""
 
-    def __init__(self, listener, line: WaitLine, state: ChannelState, **kwargs):
-        # spawn=None: each accepted connection is handled in the accept
-        # callback itself, which never blocks.
-        super().__init__(listener, spawn=None, **kwargs)
+    def __init__(self, listener: socket.socket, line: WaitLine, state: ChannelState):
         self.line = line
         self.state = state
+        self._acceptor = Acceptor(listener, self._accepted)
+        self.address = self._acceptor.address
         self._loop = get_hub().loop
+        self._parse = _Parse()
         # parked polls -> when WAIT_TIMEOUT ends their wait
         self._parked: Deadlines[LeanPoll] = Deadlines()
         # connections waiting for a request (new or kept alive) -> when they are closed
@@ -112,17 +141,19 @@ class LeanWaitServer(StreamServer):
         self._heads: dict[tuple, bytes] = {}
         self._framed_for: bytes | None = None
         self._framed = b""
-        self._sweeper: gevent.Greenlet | None = None
+        self._sweeper = Sweeper(self._sweep, SWEEP_INTERVAL, "lean WAIT engine")
 
     # -- life ----------------------------------------------------------------
 
     def start(self) -> None:
-        super().start()
-        self._sweeper = gevent.spawn(self._sweep_forever)
+        """Begin serving."""
+        self._acceptor.start()
+        self._sweeper.start()
 
     def stop(self, timeout=None) -> None:
-        if self._sweeper is not None:
-            self._sweeper.kill(block=False)
+        """Stop accepting and close every connection (parked polls first)."""
+        self._acceptor.close()
+        self._sweeper.stop()
         for conn in list(self._parked):
             self.state.unlisten(conn)
             self._close(conn)
@@ -130,7 +161,6 @@ class LeanWaitServer(StreamServer):
             self._close(conn)
         self._parked.clear()
         self._idle.clear()
-        super().stop(timeout)
 
     def reconfigure(self) -> None:
         """Forget cached headers after a reload."""
@@ -138,15 +168,9 @@ class LeanWaitServer(StreamServer):
 
     # -- reading -------------------------------------------------------------
 
-    def handle(self, sock, address) -> None:
+    def _accepted(self, sock: socket.socket, address) -> None:
         """A new connection (in the accept callback: must not block)."""
-        raw = socket.socket(fileno=sock.detach())
-        raw.setblocking(False)
-        # The body follows the headers in a second write: without this it
-        # may wait 40 ms for the client's delayed ACK.
-        with contextlib.suppress(OSError):   # not a TCP socket (a UNIX one)
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = LeanPoll(self, raw, self._loop.io(raw.fileno(), _READ))
+        conn = LeanPoll(self, sock, self._loop.io(sock.fileno(), READ))
         self._read_now(conn)
 
     def _on_readable(self, conn: LeanPoll) -> None:
@@ -166,39 +190,52 @@ class LeanWaitServer(StreamServer):
         if not data:
             self._close(conn)
             return
-        request = _Request()
-        parser = httptools.HttpRequestParser(request)
-        refusal = self._feed(parser, data, len(data))
-        if refusal is not None:
+        parse = self._parse
+        request = parse.request
+        request.reset()
+        refusal = self._feed(parse, data, len(data))
+        if request.complete:
+            if request.pipelined or not _parser_goes_on(parse.parser, request):
+                # The shared parser stopped inside a next request, or takes
+                # no more after this one ("Connection: close", HTTP/1.0).
+                self._parse = _Parse()
+            self._respond(conn, request, parse.parser)
+        elif refusal is not None:
+            self._parse = _Parse()
             self._send(conn, refusal, _CLOSE)
-        elif request.complete:
-            self._respond(conn, request, parser)
         else:
-            gevent.spawn(self._read_rest, conn, request, parser, len(data))
+            # This request's parser now holds a part of it: the connection
+            # keeps it, and a fresh one serves the others.
+            self._parse = _Parse()
+            gevent.spawn(self._read_rest, conn, parse, len(data))
 
-    def _feed(self, parser, data: bytes, received: int) -> bytes | None:
+    def _feed(self, parse: _Parse, data: bytes, received: int) -> bytes | None:
         """Feed the parser; for a bad or oversized request, the answer to send."""
         try:
             if received > self.line.config.WAIT_MAXLEN + MAX_HEAD_BYTES:
                 raise ProtocolError(413, f"request longer than WAIT_MAXLEN "
                                          f"({self.line.config.WAIT_MAXLEN} bytes) plus headers")
-            parser.feed_data(data)
+            parse.parser.feed_data(data)
         except ProtocolError as error:
             return _render_reply(error_reply(error))
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if parse.request.complete:   # junk after a whole request: answer it, then close
+                parse.request.pipelined = True
+                return None
             return _render_reply(error_reply(ProtocolError(400, f"malformed HTTP request: {exc or 'upgrade'}")))
         return None
 
-    def _read_rest(self, conn: LeanPoll, request: _Request, parser, received: int) -> None:
+    def _read_rest(self, conn: LeanPoll, parse: _Parse, received: int) -> None:
         """A request that came in pieces: read the rest in this greenlet."""
-        sock = self._borrow(conn)
+        sock = lend(conn.sock, REQUEST_TIMEOUT)
+        conn.sock = None
         try:
-            while not request.complete:
+            while not parse.request.complete:
                 data = sock.recv(READ_SIZE)
                 if not data:
                     raise ConnectionError("closed mid-request")
                 received += len(data)
-                refusal = self._feed(parser, data, received)
+                refusal = self._feed(parse, data, received)
                 if refusal is not None:
                     sock.sendall(refusal)
                     raise ConnectionError("request refused")
@@ -206,8 +243,8 @@ class LeanWaitServer(StreamServer):
             sock.close()
             self._close(conn)
             return
-        self._give_back(conn, sock)
-        self._respond(conn, request, parser)
+        conn.sock = take_back(sock)
+        self._respond(conn, parse.request, parse.parser)
 
     def _wait_for_request(self, conn: LeanPoll, patience: float) -> None:
         conn.watcher.start(self._on_readable, conn)
@@ -221,7 +258,8 @@ class LeanWaitServer(StreamServer):
         if isinstance(result, Reply):
             self._send(conn, _render_reply(result), _CLOSE)
             return
-        keep_alive = wants_keep_alive(parser.get_http_version(), request.headers.get("connection"))
+        keep_alive = (not request.pipelined
+                      and wants_keep_alive(parser.get_http_version(), request.headers.get("connection")))
         conn.keep_alive = keep_alive
         conn.cursors = result.listened()
         conn.pending = None
@@ -260,29 +298,16 @@ class LeanWaitServer(StreamServer):
             self._after_send(conn, then)
 
     def _send_rest(self, conn: LeanPoll, data: bytes, then: str) -> None:
-        sock = self._borrow(conn)
+        sock = lend(conn.sock, REQUEST_TIMEOUT)
+        conn.sock = None
         try:
             sock.sendall(data)
         except OSError:
             sock.close()
             self._drop(conn)
             return
-        self._give_back(conn, sock)
+        conn.sock = take_back(sock)
         self._after_send(conn, then)
-
-    @staticmethod
-    def _borrow(conn: LeanPoll):
-        """The connection as a blocking gevent socket, for a greenlet."""
-        sock = gevent.socket.socket(fileno=conn.sock.detach())
-        conn.sock = None
-        sock.settimeout(REQUEST_TIMEOUT)
-        return sock
-
-    @staticmethod
-    def _give_back(conn: LeanPoll, sock) -> None:
-        """The connection back as a non-blocking socket, for the callbacks."""
-        conn.sock = socket.socket(fileno=sock.detach())
-        conn.sock.setblocking(False)
 
     def _after_send(self, conn: LeanPoll, then: str) -> None:
         if then == _PARK:
@@ -352,14 +377,6 @@ class LeanWaitServer(StreamServer):
 
     # -- timeouts ------------------------------------------------------------
 
-    def _sweep_forever(self) -> None:
-        while True:
-            gevent.sleep(SWEEP_INTERVAL)
-            try:
-                self._sweep(time.monotonic())
-            except Exception:  # noqa: BLE001 - the sweeper must outlive a bug
-                log.exception("lean WAIT engine: sweeping timeouts failed")
-
     def _sweep(self, now: float) -> None:
         for conn in self._parked.pop_due(now):
             conn.parked = False
@@ -378,6 +395,13 @@ class LeanWaitServer(StreamServer):
         if not keep_alive:
             return data
         return b"%x\r\n%s\r\n%s" % (len(data), data, _LAST_CHUNK)
+
+
+def _parser_goes_on(parser, request: _Request) -> bool:
+    """Whether the parser takes another request after this one (llhttp
+    refuses one after ``Connection: close``, and after HTTP/1.0)."""
+    connection = request.headers.get("connection")
+    return parser.get_http_version() == "1.1" and (connection is None or "close" not in connection.lower())
 
 
 def _render_head(status: str, headers) -> bytes:

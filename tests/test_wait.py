@@ -587,3 +587,40 @@ def test_kept_alive_poll_after_a_request_in_pieces(server, cid):
         assert [p["data"] for p in json.loads(conn.read_response()[1])] == ["two"]
     finally:
         conn.close()
+
+
+def test_request_in_pieces_does_not_disturb_others_read_meanwhile(server, cid):
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as slow:
+        slow.sendall(f"GET /?identifier={cid}slow HTTP/1.1\r\nHo".encode())
+        time.sleep(0.2)
+        quick = server.listen(f"{cid}quick")
+        server.wait_until(lambda: server.online(cid).get(f"{cid}quick") == 1)
+        slow.sendall(b"st: x\r\n\r\n")
+        server.wait_until(lambda: server.online(cid).get(f"{cid}slow") == 1)
+        server.publish(f"{cid}slow,{cid}quick", '"both"')
+        assert json.loads(parse_response(read_to_eof(slow)).body[3:])[0]["data"] == "both"
+    assert json.loads(quick.response().body[3:])[0]["data"] == "both"
+
+
+@pytest.mark.parametrize("extra", [b"GET /?identifier=", b"\x00junk"])
+def test_bytes_after_a_whole_request_do_not_disturb_other_clients(server, cid, extra):
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as first:
+        first.sendall(b"GET /?identifier=IFRAME HTTP/1.1\r\nHost: x\r\n\r\n" + extra)
+        response = parse_response(read_to_eof(first))
+    assert response.status == 200 and b"<html" in response.body.lower()
+    after = server.get("identifier=IFRAME")
+    assert after.status == 200 and after.body == response.body
+    poll = server.listen(f"{cid}a")
+    server.publish(f"{cid}a", '"fine"')
+    assert json.loads(poll.response().body[3:])[0]["data"] == "fine"
+
+
+def test_http10_and_connection_close_requests_do_not_disturb_the_next_ones(server, cid):
+    for request_line, header in [("GET /?identifier=IFRAME HTTP/1.0", ""),
+                                 ("GET /?identifier=IFRAME HTTP/1.1", "Connection: close\r\n")]:
+        with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+            sock.sendall(f"{request_line}\r\nHost: x\r\n{header}\r\n".encode())
+            assert parse_response(read_to_eof(sock)).status == 200
+    poll = server.listen(f"{cid}a")
+    server.publish(f"{cid}a", '"next"')
+    assert json.loads(poll.response().body[3:])[0]["data"] == "next"

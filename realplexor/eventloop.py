@@ -1,0 +1,148 @@
+"""Serving connections from the event loop's callbacks.
+
+The lean WAIT engine and the IN line do their work in callbacks of the
+gevent hub's loop, on non-blocking standard sockets, instead of in a
+greenlet per connection: a connection that has nothing to do costs no
+stack and no switch. What they share lives here: accepting from a
+listening socket, lending a connection to a greenlet for the rare work
+that must wait (a write the socket cannot take at once), and a sweeper
+that runs timeouts.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import sys
+import time
+from typing import Callable
+
+import gevent
+import gevent.socket
+from gevent.hub import get_hub
+
+log = logging.getLogger("realplexor")
+
+READ = 1
+# Connections accepted per wake-up of the listening socket: enough to
+# drain a reconnect storm quickly, few enough not to starve other work.
+ACCEPT_BATCH = 64
+# After running out of file descriptors, how long to stop accepting.
+ACCEPT_PAUSE = 0.1
+_OUT_OF_FILES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Acceptor:
+    """Accepts connections on a listening socket from a loop callback.
+
+    Each connection goes to ``on_connection(sock, address)`` as a
+    non-blocking standard socket (with ``TCP_NODELAY``, for TCP); the
+    callback runs in the loop and must not block.
+    """
+
+    def __init__(self, listener: socket.socket, on_connection: Callable[[socket.socket, object], None]):
+        self.socket = socket.socket(listener.family, listener.type, listener.proto,
+                                    fileno=listener.detach())
+        self.socket.setblocking(False)
+        self.address = self.socket.getsockname()
+        self._on_connection = on_connection
+        self._loop = get_hub().loop
+        self._watcher = self._loop.io(self.socket.fileno(), READ)
+        tcp = self.socket.family in (socket.AF_INET, socket.AF_INET6)
+        if tcp:
+            # A poll's headers and its body go out in two writes; with Nagle
+            # the body may wait 40 ms for the client's delayed ACK. Linux
+            # hands the option on to accepted sockets; elsewhere set it on each.
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._nodelay_each = tcp and not sys.platform.startswith("linux")
+        self._pause = None
+
+    def start(self) -> None:
+        """Begin accepting."""
+        self._watcher.start(self._accept_ready)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket."""
+        self._watcher.stop()
+        self._watcher.close()
+        if self._pause is not None:
+            self._pause.close()
+        self.socket.close()
+
+    def _accept_ready(self) -> None:
+        accept = self.socket._accept
+        family, kind, proto = self.socket.family, self.socket.type, self.socket.proto
+        on_connection = self._on_connection
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, address = accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_FILES:
+                    self._pause_accepting(exc)
+                return
+            sock = socket.socket(family, kind, proto, fd)
+            try:
+                sock.setblocking(False)
+                if self._nodelay_each:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                on_connection(sock, address)
+            except Exception:  # noqa: BLE001 - one connection's bug must not stop the accepting
+                log.exception("serving a new connection failed")
+                sock.close()
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        # The listening socket stays readable: without a pause the loop
+        # would spin on it until a descriptor is free again.
+        log.error("cannot accept connections: %s; pausing %g s", exc.strerror, ACCEPT_PAUSE)
+        self._watcher.stop()
+        self._pause = self._loop.timer(ACCEPT_PAUSE)
+        self._pause.start(self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._pause.close()
+        self._pause = None
+        self._watcher.start(self._accept_ready)
+
+
+def lend(sock: socket.socket, timeout: float) -> gevent.socket.socket:
+    """The connection as a blocking gevent socket, for a greenlet; ``sock`` is spent."""
+    lent = gevent.socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    lent.settimeout(timeout)
+    return lent
+
+
+def take_back(lent: gevent.socket.socket) -> socket.socket:
+    """The connection back from a greenlet, as a non-blocking standard socket."""
+    sock = socket.socket(lent.family, lent.type, lent.proto, fileno=lent.detach())
+    sock.setblocking(False)
+    return sock
+
+
+class Sweeper:
+    """Calls ``sweep(now)`` every ``interval`` seconds in a greenlet of its own."""
+
+    def __init__(self, sweep: Callable[[float], None], interval: float, what: str):
+        self._sweep = sweep
+        self._interval = interval
+        self._what = what
+        self._greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        """Begin sweeping."""
+        self._greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        """Stop sweeping."""
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
+            self._greenlet = None
+
+    def _run(self) -> None:
+        while True:
+            gevent.sleep(self._interval)
+            try:
+                self._sweep(time.monotonic())
+            except Exception:  # noqa: BLE001 - the sweeper must outlive a bug
+                log.exception("%s: sweeping timeouts failed", self._what)
