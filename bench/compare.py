@@ -434,6 +434,7 @@ def broadcast(kind: str, n: int, rounds: int) -> list[dict]:
             done = sorted(t for times in clients.ask("bodies", 60.0) for t in times)
             cpu_round = server.cpu_seconds() - cpu
             latencies = [(t - sent_at) * 1000 for t in done]
+            cpu = server.cpu_seconds()
             repark_start = time.monotonic()
             parked = max(clients.ask("repoll", 60.0))
             if kind == "nchan":
@@ -444,7 +445,8 @@ def broadcast(kind: str, n: int, rounds: int) -> list[dict]:
                             "p50_ms": statistics.median(latencies),
                             "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
                             "all_ms": latencies[-1], "cpu_ms": cpu_round * 1000,
-                            "repark_s": parked - repark_start})
+                            "repark_s": parked - repark_start,
+                            "repark_cpu_ms": (server.cpu_seconds() - cpu) * 1000})
         return results
     finally:
         if clients:
@@ -529,7 +531,8 @@ def main() -> None:
             out["broadcast"].extend(rounds)
             for r in rounds:
                 print(f"bcast    {kind:11} n={n:6} r{r['round']}  p50 {r['p50_ms']:7.1f}  p99 {r['p99_ms']:7.1f}  "
-                      f"all {r['all_ms']:7.1f} ms  cpu {r['cpu_ms']:7.1f} ms  repark {r['repark_s']:.3f} s",
+                      f"all {r['all_ms']:7.1f} ms  cpu {r['cpu_ms']:7.1f} ms  repark {r['repark_s']:.3f} s "
+                      f"(cpu {r['repark_cpu_ms']:.0f} ms)",
                       flush=True)
     if args.rate_polls:
         for kind in kinds:

@@ -29,6 +29,9 @@ class Principal:
         return self.login is None or channel_id.startswith(self.prefix)
 
 
+GUEST = Principal()
+
+
 class Users:
     """The users of one htpasswd file, read once."""
 
@@ -50,7 +53,7 @@ class Users:
         if login is None:
             if not self.anonymous:
                 raise ProtocolError(403, "access denied for guest user")
-            return Principal()
+            return GUEST
         found = self._file.check_password(login, password or "") if self._file else None
         if found is None:
             raise ProtocolError(403, f"unknown login: {login}")

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 from .cursors import CursorClock
 from .deadlines import Deadlines
-from .protocol import render_wait_body
+from .protocol import render_wait_body, render_wait_body_one
 
 
 class Listener(Protocol):
@@ -277,7 +277,7 @@ class MemoryChannels(ChannelState):
                 body = bodies.get(reached)
                 if body is None:
                     ids = [(c, t) for c, _, t in placed if c in reached]
-                    body = bodies[reached] = render_wait_body([(ids, message.data)])
+                    body = bodies[reached] = render_wait_body_one(ids, message.data)
                 self.unlisten(listener)
                 listener.deliver(body)
 
@@ -291,7 +291,7 @@ class MemoryChannels(ChannelState):
             woken = [listener for listener in listeners if listener.cursors[channel_id] < cursor]
         if not woken:
             return
-        body = render_wait_body([([(channel_id, text)], message.data)])
+        body = render_wait_body_one(((channel_id, text),), message.data)
         unlisten = self.unlisten
         for listener in woken:
             unlisten(listener)

@@ -10,6 +10,7 @@ that runs timeouts.
 """
 from __future__ import annotations
 
+import _socket
 import errno
 import logging
 import socket
@@ -82,7 +83,8 @@ class Acceptor:
                 if exc.errno in _OUT_OF_FILES:
                     self._pause_accepting(exc)
                 return
-            sock = socket.socket(family, kind, proto, fd)
+            # The C socket: its calls skip the Python layer of socket.socket.
+            sock = _socket.socket(family, kind, proto, fd)
             try:
                 sock.setblocking(False)
                 if self._nodelay_each:
@@ -113,9 +115,9 @@ def lend(sock: socket.socket, timeout: float) -> gevent.socket.socket:
     return lent
 
 
-def take_back(lent: gevent.socket.socket) -> socket.socket:
+def take_back(lent: gevent.socket.socket) -> _socket.socket:
     """The connection back from a greenlet, as a non-blocking standard socket."""
-    sock = socket.socket(lent.family, lent.type, lent.proto, fileno=lent.detach())
+    sock = _socket.socket(lent.family, lent.type, lent.proto, lent.detach())
     sock.setblocking(False)
     return sock
 

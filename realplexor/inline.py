@@ -103,10 +103,10 @@ class _Connection:
 
     __slots__ = ("sock", "address", "watcher", "buf", "drained")
 
-    def __init__(self, sock: socket.socket, address: object, watcher):
+    def __init__(self, sock: socket.socket, address: object):
         self.sock = sock
         self.address = address
-        self.watcher = watcher
+        self.watcher = None       # made only if the request does not come whole at once
         self.buf = b""
         self.drained = 0
 
@@ -147,8 +147,7 @@ class InServer:
     # -- reading ---------------------------------------------------------------
 
     def _accepted(self, sock: socket.socket, address: object) -> None:
-        conn = _Connection(sock, address, self._loop.io(sock.fileno(), READ))
-        self._read(conn)
+        self._read(_Connection(sock, address))
 
     def _read(self, conn: _Connection) -> None:
         try:
@@ -184,7 +183,8 @@ class InServer:
         self._answer(conn, self.line.serve(request, conn.address), eof, early=False)
 
     def _wait_for_more(self, conn: _Connection) -> None:
-        if conn not in self._reading:
+        if conn.watcher is None:
+            conn.watcher = self._loop.io(conn.sock.fileno(), READ)
             conn.watcher.start(self._read, conn)
         self._reading.set(conn, time.monotonic() + self.line.config.IN_TIMEOUT)
 
@@ -192,8 +192,9 @@ class InServer:
 
     def _answer(self, conn: _Connection, reply: bytes, eof: bool, early: bool) -> None:
         """Send ``reply``, then close (lingering first after an early one)."""
-        self._reading.cancel(conn)
-        conn.watcher.stop()
+        if conn.watcher is not None:
+            self._reading.cancel(conn)
+            conn.watcher.stop()
         conn.buf = b""
         try:
             sent = conn.sock.send(reply)
@@ -241,6 +242,8 @@ class InServer:
         except OSError:
             self._close(conn)
             return
+        if conn.watcher is None:
+            conn.watcher = self._loop.io(conn.sock.fileno(), READ)
         conn.watcher.start(self._drain, conn)
         self._lingering.set(conn, time.monotonic() + LINGER_SECONDS)
 
@@ -258,9 +261,9 @@ class InServer:
         self._close(conn)
 
     def _close(self, conn: _Connection) -> None:
-        self._reading.cancel(conn)
-        self._lingering.cancel(conn)
         if conn.watcher is not None:
+            self._reading.cancel(conn)
+            self._lingering.cancel(conn)
             conn.watcher.stop()
             conn.watcher.close()
             conn.watcher = None

@@ -1,20 +1,17 @@
 """The Realplexor wire protocol, without I/O.
 
-Bytes of a WAIT or IN request go in, small frozen dataclasses come out;
+Bytes of a WAIT or IN request go in, small immutable records come out;
 parts and replies go in, bytes come out. Nothing here touches a socket,
 so every case is testable with plain byte strings.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from decimal import Decimal
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 from urllib.parse import unquote
 
 import simplejson
-
-from .cursors import parse_cursor
 
 COMMANDS = ("ONLINE", "WATCH", "STATS")
 
@@ -38,8 +35,7 @@ class ProtocolError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Item:
+class Item(NamedTuple):
     """One ``[*][CURSOR:]ID`` entry of an identifier string."""
 
     id: str
@@ -48,8 +44,7 @@ class Item:
     limiter: bool = False
 
 
-@dataclass(frozen=True)
-class Identifier:
+class Identifier(NamedTuple):
     """A parsed identifier string: optional credentials and its items."""
 
     items: tuple[Item, ...] = ()
@@ -74,16 +69,14 @@ class Identifier:
         return {item.id: item.cursor for item in self.items}
 
 
-@dataclass(frozen=True)
-class WaitRequest:
+class WaitRequest(NamedTuple):
     """What a browser asked the WAIT line for."""
 
     page: str | None = None          # "IFRAME" or "SCRIPT" for the static pages
     identifier: Identifier | None = None
 
 
-@dataclass(frozen=True)
-class InRequest:
+class InRequest(NamedTuple):
     """A complete IN-line request: a command or a publish."""
 
     identifier: Identifier
@@ -121,8 +114,9 @@ def parse_identifier(value: str) -> Identifier:
         if match is None:
             continue
         star, cursor_text, channel = match.groups()
-        cursor = parse_cursor(cursor_text) if cursor_text else None
-        items.append(Item(channel, cursor, cursor_text, bool(star)))
+        # The pattern has checked the cursor's digits.
+        cursor = Decimal(cursor_text) if cursor_text else None
+        items.append(Item(channel, cursor, cursor_text, star is not None))
     return Identifier(tuple(items), login, password)
 
 
@@ -233,6 +227,12 @@ def render_wait_body(parts: Iterable[tuple[Sequence[tuple[str, str]], bytes]]) -
         pairs = ",".join(f'"{channel}":"{cursor}"' for channel, cursor in ids)
         rendered.append(b'{"ids":{' + pairs.encode() + b'},"data":' + data + b"}")
     return b"[" + b",".join(rendered) + b"]"
+
+
+def render_wait_body_one(ids: Sequence[tuple[str, str]], data: bytes) -> bytes:
+    """The body of one message: the same as ``render_wait_body([(ids, data)])``."""
+    pairs = ",".join(f'"{channel}":"{cursor}"' for channel, cursor in ids)
+    return b'[{"ids":{%s},"data":%s}]' % (pairs.encode(), data)
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",

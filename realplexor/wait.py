@@ -134,7 +134,8 @@ def wants_keep_alive(version: str, connection: str | None) -> bool:
     """
     if not connection or not version.endswith("1.1"):
         return False
-    return "keep-alive" in (token.strip().lower() for token in connection.split(","))
+    connection = connection.lower()
+    return connection == "keep-alive" or "keep-alive" in (token.strip() for token in connection.split(","))
 
 
 def peer_closed(raw: socket.socket) -> bool | None:

@@ -110,7 +110,7 @@ class LeanPoll:
 
     __slots__ = ("cursors", "engine", "keep_alive", "sock", "watcher", "parked", "pending")
 
-    def __init__(self, engine: "LeanWaitServer", sock: socket.socket, watcher):
+    def __init__(self, engine: "LeanWaitServer", sock: socket.socket, watcher=None):
         self.cursors: dict[str, Decimal | None] = {}
         self.engine = engine
         self.keep_alive = False
@@ -170,8 +170,8 @@ class LeanWaitServer:
 
     def _accepted(self, sock: socket.socket, address) -> None:
         """A new connection (in the accept callback: must not block)."""
-        conn = LeanPoll(self, sock, self._loop.io(sock.fileno(), READ))
-        self._read_now(conn)
+        # The read watcher is made when the connection first has to wait.
+        self._read_now(LeanPoll(self, sock))
 
     def _on_readable(self, conn: LeanPoll) -> None:
         conn.watcher.stop()
@@ -195,11 +195,12 @@ class LeanWaitServer:
         request.reset()
         refusal = self._feed(parse, data, len(data))
         if request.complete:
-            if request.pipelined or not _parser_goes_on(parse.parser, request):
+            version = parse.parser.get_http_version()
+            if request.pipelined or not _parser_goes_on(version, request):
                 # The shared parser stopped inside a next request, or takes
                 # no more after this one ("Connection: close", HTTP/1.0).
                 self._parse = _Parse()
-            self._respond(conn, request, parse.parser)
+            self._respond(conn, request, parse.parser.get_method(), version)
         elif refusal is not None:
             self._parse = _Parse()
             self._send(conn, refusal, _CLOSE)
@@ -244,22 +245,26 @@ class LeanWaitServer:
             self._close(conn)
             return
         conn.sock = take_back(sock)
-        self._respond(conn, parse.request, parse.parser)
+        self._respond(conn, parse.request, parse.parser.get_method(), parse.parser.get_http_version())
 
     def _wait_for_request(self, conn: LeanPoll, patience: float) -> None:
-        conn.watcher.start(self._on_readable, conn)
+        self._watch(conn, self._on_readable)
         self._idle.set(conn, time.monotonic() + patience)
+
+    def _watch(self, conn: LeanPoll, callback) -> None:
+        if conn.watcher is None:
+            conn.watcher = self._loop.io(conn.sock.fileno(), READ)
+        conn.watcher.start(callback, conn)
 
     # -- answering -------------------------------------------------------------
 
-    def _respond(self, conn: LeanPoll, request: _Request, parser) -> None:
-        result = self.line.answer(parser.get_method().decode("latin-1"), request.url.decode("latin-1"),
+    def _respond(self, conn: LeanPoll, request: _Request, method: bytes, version: str) -> None:
+        result = self.line.answer(method.decode("latin-1"), request.url.decode("latin-1"),
                                   request.headers.get, lambda limit: request.body[:limit])
         if isinstance(result, Reply):
             self._send(conn, _render_reply(result), _CLOSE)
             return
-        keep_alive = (not request.pipelined
-                      and wants_keep_alive(parser.get_http_version(), request.headers.get("connection")))
+        keep_alive = not request.pipelined and wants_keep_alive(version, request.headers.get("connection"))
         conn.keep_alive = keep_alive
         conn.cursors = result.listened()
         conn.pending = None
@@ -327,7 +332,7 @@ class LeanWaitServer:
             self._answer_parked(conn, body)
             return
         conn.parked = True
-        conn.watcher.start(self._on_parked_readable, conn)
+        self._watch(conn, self._on_parked_readable)
         self._parked.set(conn, time.monotonic() + self.line.config.WAIT_TIMEOUT)
 
     def deliver(self, conn: LeanPoll, body: bytes) -> None:
@@ -397,11 +402,11 @@ class LeanWaitServer:
         return b"%x\r\n%s\r\n%s" % (len(data), data, _LAST_CHUNK)
 
 
-def _parser_goes_on(parser, request: _Request) -> bool:
+def _parser_goes_on(version: str, request: _Request) -> bool:
     """Whether the parser takes another request after this one (llhttp
     refuses one after ``Connection: close``, and after HTTP/1.0)."""
     connection = request.headers.get("connection")
-    return parser.get_http_version() == "1.1" and (connection is None or "close" not in connection.lower())
+    return version == "1.1" and (connection is None or "close" not in connection.lower())
 
 
 def _render_head(status: str, headers) -> bytes:

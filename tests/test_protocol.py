@@ -16,7 +16,7 @@ import simplejson
 
 from realplexor.protocol import (Identifier, ProtocolError, find_identifier, parse_identifier,
                                  parse_in_request, parse_wait_request, render_in_reply,
-                                 render_online, render_wait_body, render_watch)
+                                 render_online, render_wait_body, render_wait_body_one, render_watch)
 
 REQUESTS = Path(__file__).parent / "requests" / "in"
 
@@ -129,3 +129,9 @@ def test_render_in_reply_has_exact_content_length():
 def test_render_online_and_watch():
     assert render_online([("a", 2), ("b", 0)]) == "a 2\nb 0\n"
     assert render_watch([("online", 3, "a"), ("FAKE", 7, "FAKE")]) == "online 3:a\nFAKE 7:FAKE\n"
+
+
+def test_one_message_body_renders_as_a_list_of_one_part():
+    ids = [("a", "1.5"), ("b", "2")]
+    assert render_wait_body_one(ids, b'{"x":1}') == render_wait_body([(ids, b'{"x":1}')])
+    assert json.loads(render_wait_body_one(ids, b"[1]")) == [{"ids": {"a": "1.5", "b": "2"}, "data": [1]}]
