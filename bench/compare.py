@@ -10,7 +10,8 @@ Scenarios, for each kind:
   memory     server RSS per idle poll at N parked polls;
   broadcast  one publish to N polls of one channel: p50, p99 and
              all-received latency, server CPU for the round;
-  repark     every poll asks again at once: time until all N wait again;
+  repark     every poll asks again at once: time until the server itself
+             counts all N waiting again (Realplexor: ONLINE; nchan: its status);
   rate       2000 polls on their own channels, publishers round-robin:
              messages delivered per second.
 
@@ -198,12 +199,19 @@ class Clients:
             self.pipes.append((parent, process))
 
     def ask(self, *command, timeout: float = 120.0) -> list:
+        self.tell(*command)
+        return self.answers(command[0], timeout)
+
+    def tell(self, *command) -> None:
+        """Start ``command`` in every client process; collect with :meth:`answers`."""
         for pipe, _ in self.pipes:
             pipe.send(command)
+
+    def answers(self, command: str, timeout: float = 120.0) -> list:
         answers = []
         for pipe, _ in self.pipes:
             if not pipe.poll(timeout):
-                raise RuntimeError(f"client did not answer {command[0]!r} in {timeout}s")
+                raise RuntimeError(f"client did not answer {command!r} in {timeout}s")
             answer = pipe.recv()
             if isinstance(answer, Exception):
                 raise answer
@@ -434,13 +442,13 @@ def broadcast(kind: str, n: int, rounds: int) -> list[dict]:
             done = sorted(t for times in clients.ask("bodies", 60.0) for t in times)
             cpu_round = server.cpu_seconds() - cpu
             latencies = [(t - sent_at) * 1000 for t in done]
+            # Re-park: every client asks again at once and reads what comes,
+            # while the server's own count says when all N wait again.
             cpu = server.cpu_seconds()
             repark_start = time.monotonic()
-            parked = max(clients.ask("repoll", 60.0))
-            if kind == "nchan":
-                parked = wait_count(server, n)
-            else:
-                parked = max(parked, wait_count(server, n))
+            clients.tell("repoll", 60.0)
+            parked = wait_count(server, n)
+            clients.answers("repoll", 60.0)
             results.append({"kind": kind, "n": n, "round": round_ + 1,
                             "p50_ms": statistics.median(latencies),
                             "p99_ms": latencies[int(len(latencies) * 0.99) - 1],

@@ -150,7 +150,8 @@ def parse_in_request(buf: bytes, eof: bool, marker: str = "identifier") -> InReq
     closed its writing side, so nothing more will come. Raises
     ProtocolError for a request that can never be served.
     """
-    first_line = buf.split(b"\n", 1)[0]
+    newline = buf.find(b"\n")
+    first_line = buf if newline < 0 else buf[:newline]
     if not _HTTP_LINE_RE.match(first_line):
         command = _COMMAND_LINE_RE.match(buf)
         if command is not None:
@@ -169,14 +170,16 @@ def parse_in_request(buf: bytes, eof: bool, marker: str = "identifier") -> InReq
     body = _complete_body(head, body, eof)
     if body is None:
         return None
-    if not body.strip() and _COMMAND_WORD_RE.fullmatch(first_line.strip()):
+    data = body.strip()
+    if not data and _COMMAND_WORD_RE.fullmatch(first_line.strip()):
         raise ProtocolError(400, f"{first_line.strip().decode()!r} is not a command "
                                  "(ONLINE, WATCH, STATS); nothing done")
     identifier = _head_identifier(head, marker)
-    command = _COMMAND_LINE_RE.fullmatch(body.strip() + b"\n") if body.strip() else None
+    # A command is a word; JSON data starts with a letter only as true/false/null.
+    command = _COMMAND_LINE_RE.fullmatch(data + b"\n") if data[:1].isalpha() else None
     if command is not None:
         return _command(identifier, command)
-    return InRequest(identifier, data=_checked_data(body))
+    return InRequest(identifier, data=_checked_data(data))
 
 
 def _head_identifier(head: bytes, marker: str) -> Identifier:
@@ -203,8 +206,8 @@ def _complete_body(head: bytes, body: bytes, eof: bool) -> bytes | None:
     return None
 
 
-def _checked_data(body: bytes) -> bytes:
-    data = body.strip()
+def _checked_data(data: bytes) -> bytes:
+    """``data`` (stripped) if it is UTF-8 JSON, else ProtocolError."""
     if not data:
         raise ProtocolError(400, "no data to publish and no command (ONLINE, WATCH, STATS)")
     try:
