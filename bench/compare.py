@@ -102,6 +102,42 @@ class Nginx:
         self._tmp.cleanup()
 
 
+class FloorServer:
+    """bench/floor_server.py: the system calls of the protocol and nothing else."""
+
+    name = "floor"
+    keep_alive = True
+
+    def __init__(self) -> None:
+        self.wait_port, self.in_port = _free_port(), _free_port()
+        self.process = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU, sys.executable, str(HERE / "floor_server.py"),
+             str(self.wait_port), str(self.in_port)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        _wait_for_port(self.in_port)
+
+    def rss(self) -> int:
+        return psutil.Process(self.process.pid).memory_info().rss
+
+    worker_rss = rss
+
+    def cpu_seconds(self) -> float:
+        return sum(psutil.Process(self.process.pid).cpu_times()[:2])
+
+    def publish(self, channel: str, data: bytes) -> float:
+        return Realplexor.publish(self, channel, data)
+
+    def waiting(self) -> int:
+        with socket.create_connection(("127.0.0.1", self.in_port), timeout=IO_TIMEOUT) as sock:
+            sock.sendall(b"ONLINE\n\n")
+            body = read_to_eof(sock).partition(b"\r\n\r\n")[2]
+        return sum(int(line.split()[1]) for line in body.decode().splitlines())
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+
 class Realplexor:
     """A Realplexor server with one WAIT engine, pinned to the server CPU."""
 
@@ -111,7 +147,7 @@ class Realplexor:
         self.server = ServerProcess(cpus=SERVER_CPU, WAIT_ENGINE=engine, WAIT_TIMEOUT=3600,
                                     OFFLINE_TIMEOUT=3600)
         self.server.start()
-        self.wait_port = self.server.wait_port
+        self.wait_port, self.in_port = self.server.wait_port, self.server.in_port
 
     def rss(self) -> int:
         return self.server.rss()
@@ -124,7 +160,7 @@ class Realplexor:
     def publish(self, channel: str, data: bytes) -> float:
         request = (f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
                    f"X-Realplexor: identifier={channel}\r\n\r\n").encode() + data
-        return _send_request(self.server.in_port, request, (b"HTTP/1.0 200",))
+        return _send_request(self.in_port, request, (b"HTTP/1.0 200",))
 
     def waiting(self) -> int:
         return sum(self.server.online().values())
@@ -386,6 +422,8 @@ class _Crowd:
 def make_server(kind: str):
     if kind == "nchan":
         return Nginx()
+    if kind == "floor":
+        return FloorServer()
     engine, _, mode = kind.partition("-")
     return Realplexor(engine, keep_alive=mode != "close")
 
@@ -501,7 +539,8 @@ def rate(kind: str, n: int, seconds: float, publishers: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default="nchan,lean,wsgi,lean-close",
-                        help="server kinds: nchan, lean, wsgi, and lean-close / wsgi-close (no keep-alive)")
+                        help="server kinds: nchan, lean, wsgi, lean-close / wsgi-close (no keep-alive), "
+                             "and floor (bench/floor_server.py: the protocol's system calls only)")
     parser.add_argument("--memory", default="1000,10000,19000", help="idle poll counts")
     parser.add_argument("--broadcast", default="1000,5000,10000", help="subscriber counts")
     parser.add_argument("--rounds", type=int, default=3)

@@ -251,9 +251,17 @@ def spawn(args: list[str], env: dict | None = None, cwd: Path = ROOT) -> tuple[s
     return process, OutputReader(process.stdout)
 
 
-def start_server(config_path: Path) -> RunningServer:
-    """Run ``python -m realplexor --config`` and wait until both lines listen."""
-    process, output = spawn([sys.executable, "-m", "realplexor", "--config", str(config_path)])
+def start_server(config_path: Path, open_files: int | None = None) -> RunningServer:
+    """Run ``python -m realplexor --config`` and wait until both lines listen.
+
+    With ``open_files`` the server runs under that hard limit of open files.
+    """
+    args = [sys.executable, "-m", "realplexor", "--config", str(config_path)]
+    if open_files is not None:
+        args = [sys.executable, "-c", "import os, resource, sys; "
+                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({open_files}, {open_files})); "
+                "os.execv(sys.executable, sys.argv[1:])", *args]
+    process, output = spawn(args)
     ports = {}
     try:
         while len(ports) < 2:
