@@ -6,6 +6,7 @@ so every case is testable with plain byte strings.
 """
 from __future__ import annotations
 
+import functools
 import re
 from decimal import Decimal
 from typing import Iterable, NamedTuple, Sequence
@@ -133,6 +134,13 @@ def parse_wait_request(target: str, body: str, marker: str,
         value = find_identifier(unquote(body), marker)
     if value is None:
         raise ProtocolError(400, f"no {marker}= in the request")
+    return _wait_request_for(value, iframe_id, script_id)
+
+
+# After a broadcast, every browser on a page asks again with the same
+# identifier (its random cache-buster lies outside it): parse each once.
+@functools.lru_cache(maxsize=4096)
+def _wait_request_for(value: str, iframe_id: str, script_id: str) -> WaitRequest:
     if value == iframe_id:
         return WaitRequest(page="IFRAME")
     if value == script_id:
