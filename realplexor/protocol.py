@@ -19,7 +19,6 @@ COMMANDS = ("ONLINE", "WATCH", "STATS")
 _ITEM_RE = re.compile(r"(\*)?(?:(\d+(?:\.\d+)?):)?([A-Za-z0-9_]+)\Z")
 _LOGIN_RE = re.compile(r"[A-Za-z0-9]+\Z")
 _HTTP_LINE_RE = re.compile(rb"[A-Za-z]+ \S+ HTTP/\d+\.\d+\r?\Z")
-_HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
 _CONTENT_LENGTH_RE = re.compile(rb"^content-length:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.I | re.M)
 _COMMAND_LINE_RE = re.compile(
     rb"[ \t]*(online|watch|stats)(?:[ \t]+([^\r\n]*?))?[ \t]*(?:\r?\n|\Z)", re.I)
@@ -163,18 +162,18 @@ def parse_in_request(buf: bytes, eof: bool, marker: str = "identifier") -> InReq
     if not _HTTP_LINE_RE.match(first_line):
         command = _COMMAND_LINE_RE.match(buf)
         if command is not None:
-            head_end = _HEAD_END_RE.search(buf)
+            head_end = _find_head_end(buf)
             if head_end is None and not eof:
                 return None
-            head = buf[:head_end.start()] if head_end else buf
+            head = buf[:head_end[0]] if head_end else buf
             return _command(_head_identifier(head, marker), command)
-    head_end = _HEAD_END_RE.search(buf)
+    head_end = _find_head_end(buf)
     if head_end is None:
         if not eof:
             return None
         head, body = buf, b""
     else:
-        head, body = buf[:head_end.start()], buf[head_end.end():]
+        head, body = buf[:head_end[0]], buf[head_end[1]:]
     body = _complete_body(head, body, eof)
     if body is None:
         return None
@@ -190,9 +189,29 @@ def parse_in_request(buf: bytes, eof: bool, marker: str = "identifier") -> InReq
     return InRequest(identifier, data=_checked_data(data))
 
 
+def _find_head_end(buf: bytes) -> tuple[int, int] | None:
+    """Where the first blank line (``\r?\n\r?\n``) starts and ends, or None."""
+    crlf = buf.find(b"\n\r\n")
+    lf = buf.find(b"\n\n")
+    if crlf < 0 and lf < 0:
+        return None
+    if lf < 0 or 0 <= crlf < lf:
+        newline, end = crlf, crlf + 3
+    else:
+        newline, end = lf, lf + 2
+    return (newline - 1 if newline and buf[newline - 1] == 13 else newline), end
+
+
 def _head_identifier(head: bytes, marker: str) -> Identifier:
     value = find_identifier(head.decode("latin-1"), marker)
-    return parse_identifier(value) if value is not None else Identifier()
+    if value is None:
+        return Identifier()
+    # Credentials are not kept in the cache.
+    return parse_identifier(value) if "@" in value else _parse_identifier_once(value)
+
+
+# A back end publishes to the same channels again and again.
+_parse_identifier_once = functools.lru_cache(maxsize=4096)(parse_identifier)
 
 
 def _command(identifier: Identifier, match: re.Match[bytes]) -> InRequest:

@@ -135,3 +135,12 @@ def test_one_message_body_renders_as_a_list_of_one_part():
     ids = [("a", "1.5"), ("b", "2")]
     assert render_wait_body_one(ids, b'{"x":1}') == render_wait_body([(ids, b'{"x":1}')])
     assert json.loads(render_wait_body_one(ids, b"[1]")) == [{"ids": {"a": "1.5", "b": "2"}, "data": [1]}]
+
+
+@pytest.mark.parametrize("blank", [b"\n\n", b"\r\n\r\n", b"\n\r\n", b"\r\n\n"])
+def test_head_ends_at_the_first_blank_line_whatever_the_line_ends(blank):
+    request = parse_in_request(b"X-Realplexor: identifier=abc" + blank + b'"x"', True)
+    assert request.identifier.items[0].id == "abc" and request.data == b'"x"'
+    with pytest.raises(ProtocolError):   # the second blank line is part of the data
+        parse_in_request(b"X-Realplexor: identifier=abc" + blank + b'"x"' + blank + b'"y"', True)
+    assert parse_in_request(b"X-Realplexor: identifier=abc" + blank + b'"x"' + blank, True).data == b'"x"'
