@@ -15,6 +15,11 @@ Scenarios, for each kind:
   rate       2000 polls on their own channels, publishers round-robin:
              messages delivered per second.
 
+Kinds: nchan, lean, wsgi, lean-close / wsgi-close (polls without
+keep-alive), and floor: bench/floor_server.py, which makes only the
+system calls the protocol needs, in a bare epoll loop, as a bound for
+any Python server (re-park and rate only).
+
     python compare.py                     # everything (several minutes)
     python compare.py --kinds lean,nchan --broadcast 1000 --memory 1000
 """
@@ -538,7 +543,7 @@ def rate(kind: str, n: int, seconds: float, publishers: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kinds", default="nchan,lean,wsgi,lean-close",
+    parser.add_argument("--kinds", default="nchan,lean,wsgi,lean-close,floor",
                         help="server kinds: nchan, lean, wsgi, lean-close / wsgi-close (no keep-alive), "
                              "and floor (bench/floor_server.py: the protocol's system calls only)")
     parser.add_argument("--memory", default="1000,10000,19000", help="idle poll counts")
@@ -565,7 +570,7 @@ def main() -> None:
     out = {"load_average": os.getloadavg(), "memory": [], "broadcast": [], "rate": []}
     for n in [int(x) for x in args.memory.split(",") if int(x or 0)]:
         for kind in kinds:
-            if kind.endswith("close"):
+            if kind.endswith("close") or kind == "floor":   # the floor keeps no state worth weighing
                 continue
             result = attempt(memory, kind, n)
             if result:

@@ -6,6 +6,7 @@ writes (bcrypt, apr1 MD5, SHA1, crypt), checked by passlib. A line ``:``
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from passlib.apache import HtpasswdFile
@@ -30,6 +31,8 @@ class Principal:
 
 
 GUEST = Principal()
+# Checked credentials remembered per users file (see Users.authenticate).
+VERIFIED_CACHE_SIZE = 1024
 
 
 class Users:
@@ -41,6 +44,11 @@ class Users:
         entries = "\n".join(line for line in lines if line.strip() and line.strip() != ":"
                             and not line.lstrip().startswith("#"))
         self._file = HtpasswdFile.from_string(entries + "\n") if entries else None
+        # (login, SHA-256 of the password) -> principal, for credentials
+        # already checked: a bcrypt check takes milliseconds, and a back end
+        # sends the same credentials with every publish. Failures are not
+        # kept, so guessing costs as much as ever. A reload makes new Users.
+        self._verified: dict[tuple[str, bytes], Principal] = {}
 
     @classmethod
     def load(cls, path: str) -> "Users":
@@ -54,9 +62,16 @@ class Users:
             if not self.anonymous:
                 raise ProtocolError(403, "access denied for guest user")
             return GUEST
+        key = (login, hashlib.sha256((password or "").encode("utf-8")).digest())
+        principal = self._verified.get(key)
+        if principal is not None:
+            return principal
         found = self._file.check_password(login, password or "") if self._file else None
         if found is None:
             raise ProtocolError(403, f"unknown login: {login}")
         if not found:
             raise ProtocolError(403, f"invalid password for login: {login}")
-        return Principal(login)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        principal = self._verified[key] = Principal(login)
+        return principal

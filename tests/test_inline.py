@@ -1,7 +1,10 @@
 """The IN line over real sockets: publish, commands, authentication, limits."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import signal
 import socket
 import time
 
@@ -16,6 +19,7 @@ sam:{SHA}SWVtHJrD5tYpeJJDcU+phEGgXjU=
 cat:HnXrABH.5HjFk
 """
 PASSWORDS = {"bob": "secretB", "amy": "secretM", "sam": "secretS", "cat": "secretC"}
+SHA1_OF_NEW = base64.b64encode(hashlib.sha1(b"newpass").digest()).decode()   # htpasswd -s: "newpass"
 
 
 def received(poll) -> list:
@@ -254,6 +258,25 @@ def test_unknown_login_is_a_403(guarded):
 def test_wrong_password_is_a_403(guarded):
     response = guarded.in_http("bob:wrong@bob_a", '"x"')
     assert (response.status, response.text) == (403, "invalid password for login: bob\n")
+
+
+def test_wrong_password_is_a_403_after_the_right_one_was_accepted(guarded):
+    for _ in range(3):
+        assert guarded.in_http("bob:secretB@bob_a", '"x"').status == 200
+    response = guarded.in_http("bob:secretB2@bob_a", '"x"')
+    assert (response.status, response.text) == (403, "invalid password for login: bob\n")
+
+
+def test_changed_password_takes_effect_on_reload(server_factory, tmp_path):
+    users = tmp_path / "users"
+    users.write_text(USERS)
+    guarded = server_factory(USERS_FILE=str(users))
+    assert guarded.in_http("amy:secretM@amy_a", '"x"').status == 200
+    users.write_text(USERS.replace("amy:", "old:") + "amy:{SHA}" + SHA1_OF_NEW + "\n")
+    guarded.process.send_signal(signal.SIGHUP)
+    guarded.output.wait_for("configuration reloaded")
+    assert guarded.in_http("amy:secretM@amy_a", '"x"').status == 403
+    assert guarded.in_http("amy:newpass@amy_a", '"x"').status == 200
 
 
 def test_guest_without_anonymous_entry_is_a_403(guarded, cid):
