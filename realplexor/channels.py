@@ -205,8 +205,8 @@ class MemoryChannels(ChannelState):
         parts: dict[int, tuple[Decimal, bytes, list[tuple[str, str]]]] = {}
         for channel_id, listened_from in cursors.items():
             channel = self._channels.get(channel_id)
-            if channel is None:
-                continue
+            if channel is None or not channel.queue or channel.queue[-1][0] <= listened_from:
+                continue     # nothing newer than the cursor: the usual case for a re-poll
             for cursor, text, message in reversed(channel.queue):
                 if cursor <= listened_from:
                     break
