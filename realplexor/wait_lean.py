@@ -96,7 +96,7 @@ class _Request:
 
 
 class _Parse:
-    """One request's collector and parser, with the method and version once done."""
+    """A request collector and the parser that feeds it."""
 
     __slots__ = ("request", "parser")
 
