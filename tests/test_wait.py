@@ -624,3 +624,15 @@ def test_http10_and_connection_close_requests_do_not_disturb_the_next_ones(serve
     poll = server.listen(f"{cid}a")
     server.publish(f"{cid}a", '"next"')
     assert json.loads(poll.response().body[3:])[0]["data"] == "next"
+
+
+@pytest.mark.parametrize("header", ["Connection: close\r\nConnection: keep-alive\r\n",
+                                    "Proxy-Connection: close\r\n"], ids=["repeated", "proxy"])
+def test_any_close_header_does_not_disturb_the_next_requests(server, cid, header):
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        sock.sendall(f"GET /?identifier=IFRAME HTTP/1.1\r\nHost: x\r\n{header}\r\n".encode())
+        assert parse_response(read_to_eof(sock)).status == 200
+    assert server.get("identifier=IFRAME").status == 200
+    poll = server.listen(f"{cid}a")
+    server.publish(f"{cid}a", '"next"')
+    assert json.loads(poll.response().body[3:])[0]["data"] == "next"
