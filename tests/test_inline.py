@@ -260,6 +260,12 @@ def test_wrong_password_is_a_403(guarded):
     assert (response.status, response.text) == (403, "invalid password for login: bob\n")
 
 
+@pytest.mark.parametrize("password", ["secretB" + "x" * 80, "secret\x00B"], ids=["long", "nul"])
+def test_password_the_hash_cannot_take_is_a_403(guarded, password):
+    response = guarded.in_http(f"bob:{password}@bob_a", '"x"')
+    assert (response.status, response.text) == (403, "invalid password for login: bob\n")
+
+
 def test_wrong_password_is_a_403_after_the_right_one_was_accepted(guarded):
     for _ in range(3):
         assert guarded.in_http("bob:secretB@bob_a", '"x"').status == 200
