@@ -15,6 +15,8 @@ from urllib.parse import unquote
 import simplejson
 
 COMMANDS = ("ONLINE", "WATCH", "STATS")
+# Longer runs of digits are no length or position, and would exceed int()'s limit.
+MAX_NUMBER_DIGITS = 18
 
 _ITEM_RE = re.compile(r"(\*)?(?:(\d+(?:\.\d+)?):)?([A-Za-z0-9_]+)\Z")
 _LOGIN_RE = re.compile(r"[A-Za-z0-9]+\Z")
@@ -223,7 +225,7 @@ def _complete_body(head: bytes, body: bytes, eof: bool) -> bytes | None:
     match = _CONTENT_LENGTH_RE.search(head)
     if match is None:
         return body if eof else None
-    if not match.group(1).isdigit():
+    if not match.group(1).isdigit() or len(match.group(1)) > MAX_NUMBER_DIGITS:
         raise ProtocolError(400, f"invalid Content-Length {match.group(1).decode('latin-1')!r}")
     length = int(match.group(1))
     if len(body) >= length:
