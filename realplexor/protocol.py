@@ -26,6 +26,9 @@ _COMMAND_LINE_RE = re.compile(
     rb"[ \t]*(online|watch|stats)(?:[ \t]+([^\r\n]*?))?[ \t]*(?:\r?\n|\Z)", re.I)
 _COMMAND_WORD_RE = re.compile(rb"[A-Z]+(?=\s|\Z)")
 _marker_patterns: dict[str, re.Pattern[str]] = {}
+# Only identifier strings up to this long are kept parsed: a parsed item
+# takes some 25 times its text, and the caches are bounded by count alone.
+CACHED_IDENTIFIER_LEN = 256
 
 
 class ProtocolError(Exception):
@@ -135,12 +138,10 @@ def parse_wait_request(target: str, body: str, marker: str,
         value = find_identifier(unquote(body), marker)
     if value is None:
         raise ProtocolError(400, f"no {marker}= in the request")
-    return _wait_request_for(value, iframe_id, script_id)
+    parse = _wait_request_once if len(value) <= CACHED_IDENTIFIER_LEN else _wait_request_for
+    return parse(value, iframe_id, script_id)
 
 
-# After a broadcast, every browser on a page asks again with the same
-# identifier (its random cache-buster lies outside it): parse each once.
-@functools.lru_cache(maxsize=4096)
 def _wait_request_for(value: str, iframe_id: str, script_id: str) -> WaitRequest:
     if value == iframe_id:
         return WaitRequest(page="IFRAME")
@@ -150,6 +151,11 @@ def _wait_request_for(value: str, iframe_id: str, script_id: str) -> WaitRequest
     if not identifier.items:
         raise ProtocolError(400, "empty identifier list: name at least one channel id ([A-Za-z0-9_]+)")
     return WaitRequest(identifier=identifier)
+
+
+# After a broadcast, every browser on a page asks again with the same
+# identifier (its random cache-buster lies outside it): parse each once.
+_wait_request_once = functools.lru_cache(maxsize=4096)(_wait_request_for)
 
 
 def parse_in_request(buf: bytes, eof: bool, marker: str = "identifier") -> InRequest | None:
@@ -209,7 +215,9 @@ def _head_identifier(head: bytes, marker: str) -> Identifier:
     if value is None:
         return Identifier()
     # Credentials are not kept in the cache.
-    return parse_identifier(value) if "@" in value else _parse_identifier_once(value)
+    if "@" in value or len(value) > CACHED_IDENTIFIER_LEN:
+        return parse_identifier(value)
+    return _parse_identifier_once(value)
 
 
 # A back end publishes to the same channels again and again.
