@@ -42,6 +42,9 @@ MAX_HEAD_BYTES = 16384
 REQUEST_TIMEOUT = 30.0
 # Seconds a kept-alive connection may sit idle between polls.
 KEEPALIVE_IDLE = 30.0
+# After refusing a request still arriving: how long, and how much, to read before closing.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1024 * 1024
 SWEEP_INTERVAL = 0.25
 _FIRST_CHUNK = b"3\r\n \r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -247,6 +250,7 @@ class LeanWaitServer:
                 refusal = self._feed(parse, data, received)
                 if refusal is not None:
                     sock.sendall(refusal)
+                    _linger(sock)
                     raise ConnectionError("request refused")
         except OSError:
             sock.close()
@@ -414,6 +418,26 @@ def _parser_goes_on(version: str, request: _Request) -> bool:
     """Whether the parser takes another request after this one (llhttp
     refuses one after any ``Connection: close``, and after HTTP/1.0)."""
     return version == "1.1" and not request.closing
+
+
+def _linger(sock: socket.socket) -> None:
+    """Say we are done, then read and drop what the client still sends.
+
+    Closing with unread input makes the kernel reset the connection, and
+    the client may lose the refusal just sent.
+    """
+    sock.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + LINGER_SECONDS
+    drained = 0
+    while drained < LINGER_BYTES:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        sock.settimeout(left)
+        chunk = sock.recv(READ_SIZE * 8)
+        if not chunk:
+            return
+        drained += len(chunk)
 
 
 def _render_head(status: str, headers) -> bytes:

@@ -229,6 +229,16 @@ def test_long_post_body_is_a_413_however_it_arrives(server, cid):
     assert server.online(cid) == {}
 
 
+def test_long_post_body_sent_at_once_is_a_413_not_a_reset(server, cid):
+    body = b"identifier=" + ",".join(f"{cid}{n}" for n in range(20000)).encode()
+    request = (f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        sock.sendall(request)
+        response = parse_response(read_to_eof(sock))
+    assert response.status == 413
+    assert b"WAIT_MAXLEN" in response.body
+
+
 def test_chunked_post_over_the_limit_is_a_413(server, cid):
     ids = ",".join(f"{cid}{n}" for n in range(600)).encode()
     body = b"identifier=" + ids
