@@ -66,7 +66,11 @@ class Users:
         principal = self._verified.get(key)
         if principal is not None:
             return principal
-        found = self._file.check_password(login, password or "") if self._file else None
+        try:
+            found = self._file.check_password(login, password or "") if self._file else None
+        except ValueError:
+            # A password the hash cannot take (bcrypt: a NUL byte, over 72 bytes).
+            found = False
         if found is None:
             raise ProtocolError(403, f"unknown login: {login}")
         if not found:

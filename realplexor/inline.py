@@ -20,8 +20,8 @@ from .channels import ChannelState
 from .config import VERBOSE, Config
 from .deadlines import Deadlines
 from .eventloop import READ, Acceptor, Sweeper, lend
-from .protocol import (InRequest, ProtocolError, parse_in_request, render_error,
-                       render_in_reply, render_online, render_watch)
+from .protocol import (MAX_NUMBER_DIGITS, InRequest, ProtocolError, parse_in_request,
+                       render_error, render_in_reply, render_online, render_watch)
 
 log = logging.getLogger("realplexor.inline")
 
@@ -85,11 +85,12 @@ class InLine:
         return render_in_reply(200, render_online(counts))
 
     def _watch(self, principal: Principal, args: Sequence[str]) -> bytes:
-        if not args or not args[0].isdigit():
+        after = _position(args[0]) if args else None
+        if after is None:
             position = self.state.position()
             return render_in_reply(200, render_watch([("FAKE", position, "FAKE")]))
         prefixes = _scoped(principal, args[1:])
-        events = self.state.watch(int(args[0]), prefixes) if prefixes is not None else []
+        events = self.state.watch(after, prefixes) if prefixes is not None else []
         return render_in_reply(200, render_watch(events))
 
     def _stats(self, principal: Principal) -> bytes:
@@ -289,6 +290,13 @@ def _nothing_more(sock: socket.socket) -> bool:
         return True
     except OSError:
         return True
+
+
+def _position(text: str) -> int | None:
+    """WATCH's position, or None when ``text`` is not one (ASCII digits, not absurdly many)."""
+    if text.isascii() and text.isdigit() and len(text) <= MAX_NUMBER_DIGITS:
+        return int(text)
+    return None
 
 
 def _scoped(principal: Principal, prefixes: Sequence[str]) -> Sequence[str] | None:

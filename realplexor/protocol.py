@@ -15,6 +15,8 @@ from urllib.parse import unquote
 import simplejson
 
 COMMANDS = ("ONLINE", "WATCH", "STATS")
+# Longer runs of digits are no length or position, and would exceed int()'s limit.
+MAX_NUMBER_DIGITS = 18
 
 _ITEM_RE = re.compile(r"(\*)?(?:(\d+(?:\.\d+)?):)?([A-Za-z0-9_]+)\Z")
 _LOGIN_RE = re.compile(r"[A-Za-z0-9]+\Z")
@@ -24,6 +26,9 @@ _COMMAND_LINE_RE = re.compile(
     rb"[ \t]*(online|watch|stats)(?:[ \t]+([^\r\n]*?))?[ \t]*(?:\r?\n|\Z)", re.I)
 _COMMAND_WORD_RE = re.compile(rb"[A-Z]+(?=\s|\Z)")
 _marker_patterns: dict[str, re.Pattern[str]] = {}
+# Only identifier strings up to this long are kept parsed: a parsed item
+# takes some 25 times its text, and the caches are bounded by count alone.
+CACHED_IDENTIFIER_LEN = 256
 
 
 class ProtocolError(Exception):
@@ -133,12 +138,10 @@ def parse_wait_request(target: str, body: str, marker: str,
         value = find_identifier(unquote(body), marker)
     if value is None:
         raise ProtocolError(400, f"no {marker}= in the request")
-    return _wait_request_for(value, iframe_id, script_id)
+    parse = _wait_request_once if len(value) <= CACHED_IDENTIFIER_LEN else _wait_request_for
+    return parse(value, iframe_id, script_id)
 
 
-# After a broadcast, every browser on a page asks again with the same
-# identifier (its random cache-buster lies outside it): parse each once.
-@functools.lru_cache(maxsize=4096)
 def _wait_request_for(value: str, iframe_id: str, script_id: str) -> WaitRequest:
     if value == iframe_id:
         return WaitRequest(page="IFRAME")
@@ -148,6 +151,11 @@ def _wait_request_for(value: str, iframe_id: str, script_id: str) -> WaitRequest
     if not identifier.items:
         raise ProtocolError(400, "empty identifier list: name at least one channel id ([A-Za-z0-9_]+)")
     return WaitRequest(identifier=identifier)
+
+
+# After a broadcast, every browser on a page asks again with the same
+# identifier (its random cache-buster lies outside it): parse each once.
+_wait_request_once = functools.lru_cache(maxsize=4096)(_wait_request_for)
 
 
 def parse_in_request(buf: bytes, eof: bool, marker: str = "identifier") -> InRequest | None:
@@ -207,7 +215,9 @@ def _head_identifier(head: bytes, marker: str) -> Identifier:
     if value is None:
         return Identifier()
     # Credentials are not kept in the cache.
-    return parse_identifier(value) if "@" in value else _parse_identifier_once(value)
+    if "@" in value or len(value) > CACHED_IDENTIFIER_LEN:
+        return parse_identifier(value)
+    return _parse_identifier_once(value)
 
 
 # A back end publishes to the same channels again and again.
@@ -223,7 +233,7 @@ def _complete_body(head: bytes, body: bytes, eof: bool) -> bytes | None:
     match = _CONTENT_LENGTH_RE.search(head)
     if match is None:
         return body if eof else None
-    if not match.group(1).isdigit():
+    if not match.group(1).isdigit() or len(match.group(1)) > MAX_NUMBER_DIGITS:
         raise ProtocolError(400, f"invalid Content-Length {match.group(1).decode('latin-1')!r}")
     length = int(match.group(1))
     if len(body) >= length:

@@ -42,12 +42,17 @@ MAX_HEAD_BYTES = 16384
 REQUEST_TIMEOUT = 30.0
 # Seconds a kept-alive connection may sit idle between polls.
 KEEPALIVE_IDLE = 30.0
+# After refusing a request still arriving: how long, and how much, to read before closing.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1024 * 1024
 SWEEP_INTERVAL = 0.25
 _FIRST_CHUNK = b"3\r\n \r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 # The only request headers the WAIT line looks at.
 _WANTED_HEADERS = frozenset({b"origin", b"connection", b"content-length", b"if-modified-since",
                              b"access-control-request-headers"})
+# Headers in which a "close" makes llhttp refuse any further request.
+_CLOSING_HEADERS = frozenset({b"connection", b"proxy-connection"})
 # What happens to a connection once its answer is out.
 _CLOSE, _IDLE, _PARK = "close", "idle", "park"
 
@@ -60,7 +65,7 @@ class _Request:
     with it, and fresh ones take their place.
     """
 
-    __slots__ = ("url", "headers", "body", "complete", "pipelined")
+    __slots__ = ("url", "headers", "body", "complete", "pipelined", "closing")
 
     def __init__(self) -> None:
         self.reset()
@@ -72,6 +77,7 @@ class _Request:
         self.body = b""
         self.complete = False
         self.pipelined = False
+        self.closing = False
 
     def on_message_begin(self) -> None:
         if self.complete:
@@ -83,9 +89,14 @@ class _Request:
             self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:
+            return
         name = name.lower()
-        if name in _WANTED_HEADERS and not self.complete:
+        if name in _WANTED_HEADERS:
             self.headers[name.decode("ascii")] = value.decode("latin-1")
+        if name in _CLOSING_HEADERS and b"close" in value.lower():
+            # Only the last header of a name is kept above; the parser saw them all.
+            self.closing = True
 
     def on_body(self, body: bytes) -> None:
         if not self.complete:
@@ -239,6 +250,7 @@ class LeanWaitServer:
                 refusal = self._feed(parse, data, received)
                 if refusal is not None:
                     sock.sendall(refusal)
+                    _linger(sock)
                     raise ConnectionError("request refused")
         except OSError:
             sock.close()
@@ -404,9 +416,28 @@ class LeanWaitServer:
 
 def _parser_goes_on(version: str, request: _Request) -> bool:
     """Whether the parser takes another request after this one (llhttp
-    refuses one after ``Connection: close``, and after HTTP/1.0)."""
-    connection = request.headers.get("connection")
-    return version == "1.1" and (connection is None or "close" not in connection.lower())
+    refuses one after any ``Connection: close``, and after HTTP/1.0)."""
+    return version == "1.1" and not request.closing
+
+
+def _linger(sock: socket.socket) -> None:
+    """Say we are done, then read and drop what the client still sends.
+
+    Closing with unread input makes the kernel reset the connection, and
+    the client may lose the refusal just sent.
+    """
+    sock.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + LINGER_SECONDS
+    drained = 0
+    while drained < LINGER_BYTES:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        sock.settimeout(left)
+        chunk = sock.recv(READ_SIZE * 8)
+        if not chunk:
+            return
+        drained += len(chunk)
 
 
 def _render_head(status: str, headers) -> bytes:

@@ -201,6 +201,19 @@ def test_watch_without_position_names_the_current_one(server):
     assert body.count("\n") == 1
 
 
+@pytest.mark.parametrize("position", [b"\xb2", b"9" * 5000], ids=["superscript", "huge"])
+def test_watch_with_a_position_that_is_no_number_names_the_current_one(server, position):
+    reply = parse_response(server.in_raw(b"WATCH " + position + b"\n\n"))
+    assert reply.status == 200
+    assert reply.text.startswith("FAKE ") and reply.text.count("\n") == 1
+
+
+def test_huge_content_length_is_a_400(server, cid):
+    head = f"POST / HTTP/1.1\r\nX-Realplexor: identifier={cid}a\r\nContent-Length: ".encode()
+    reply = parse_response(server.in_raw(head + b"9" * 5000 + b"\r\n\r\n1"))
+    assert reply.status == 400 and b"Content-Length" in reply.body
+
+
 def test_watch_reports_online_and_offline_each_id_once(server, cid):
     start = server.command("WATCH").text.split()[1].split(":")[0]
     poll = server.listen(f"{cid}a,{cid}b")
@@ -257,6 +270,12 @@ def test_unknown_login_is_a_403(guarded):
 
 def test_wrong_password_is_a_403(guarded):
     response = guarded.in_http("bob:wrong@bob_a", '"x"')
+    assert (response.status, response.text) == (403, "invalid password for login: bob\n")
+
+
+@pytest.mark.parametrize("password", ["secretB" + "x" * 80, "secret\x00B"], ids=["long", "nul"])
+def test_password_the_hash_cannot_take_is_a_403(guarded, password):
+    response = guarded.in_http(f"bob:{password}@bob_a", '"x"')
     assert (response.status, response.text) == (403, "invalid password for login: bob\n")
 
 

@@ -8,6 +8,7 @@ must make of it. Adding a case is adding two files.
 from __future__ import annotations
 
 import json
+import tracemalloc
 from decimal import Decimal
 from pathlib import Path
 
@@ -144,3 +145,18 @@ def test_head_ends_at_the_first_blank_line_whatever_the_line_ends(blank):
     with pytest.raises(ProtocolError):   # the second blank line is part of the data
         parse_in_request(b"X-Realplexor: identifier=abc" + blank + b'"x"' + blank + b'"y"', True)
     assert parse_in_request(b"X-Realplexor: identifier=abc" + blank + b'"x"' + blank, True).data == b'"x"'
+
+
+def test_parsing_many_distinct_long_identifiers_holds_no_memory():
+    # Browsers re-poll with ever new cursors, and anyone may send long lists.
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(200):
+            value = ",".join(f"{n}.{i}:c{i}" for i in range(300))
+            parse_wait_request(f"/?identifier={value}", "", "identifier", "IFRAME", "SCRIPT")
+            parse_in_request(f"X-Realplexor: identifier={value}\n\n1".encode(), True)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 2_000_000

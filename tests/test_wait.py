@@ -229,6 +229,16 @@ def test_long_post_body_is_a_413_however_it_arrives(server, cid):
     assert server.online(cid) == {}
 
 
+def test_long_post_body_sent_at_once_is_a_413_not_a_reset(server, cid):
+    body = b"identifier=" + ",".join(f"{cid}{n}" for n in range(20000)).encode()
+    request = (f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        sock.sendall(request)
+        response = parse_response(read_to_eof(sock))
+    assert response.status == 413
+    assert b"WAIT_MAXLEN" in response.body
+
+
 def test_chunked_post_over_the_limit_is_a_413(server, cid):
     ids = ",".join(f"{cid}{n}" for n in range(600)).encode()
     body = b"identifier=" + ids
@@ -621,6 +631,18 @@ def test_http10_and_connection_close_requests_do_not_disturb_the_next_ones(serve
         with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
             sock.sendall(f"{request_line}\r\nHost: x\r\n{header}\r\n".encode())
             assert parse_response(read_to_eof(sock)).status == 200
+    poll = server.listen(f"{cid}a")
+    server.publish(f"{cid}a", '"next"')
+    assert json.loads(poll.response().body[3:])[0]["data"] == "next"
+
+
+@pytest.mark.parametrize("header", ["Connection: close\r\nConnection: keep-alive\r\n",
+                                    "Proxy-Connection: close\r\n"], ids=["repeated", "proxy"])
+def test_any_close_header_does_not_disturb_the_next_requests(server, cid, header):
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        sock.sendall(f"GET /?identifier=IFRAME HTTP/1.1\r\nHost: x\r\n{header}\r\n".encode())
+        assert parse_response(read_to_eof(sock)).status == 200
+    assert server.get("identifier=IFRAME").status == 200
     poll = server.listen(f"{cid}a")
     server.publish(f"{cid}a", '"next"')
     assert json.loads(poll.response().body[3:])[0]["data"] == "next"
