@@ -109,11 +109,12 @@ class _Request:
 class _Parse:
     """A request collector and the parser that feeds it."""
 
-    __slots__ = ("request", "parser")
+    __slots__ = ("request", "parser", "served")
 
     def __init__(self) -> None:
         self.request = _Request()
         self.parser = httptools.HttpRequestParser(self.request)
+        self.served = False     # whether a request was parsed whole with it
 
 
 class LeanPoll:
@@ -205,7 +206,14 @@ class LeanWaitServer:
         request = parse.request
         request.reset()
         refusal = self._feed(parse, data, len(data))
+        if refusal is not None and parse.served and not request.complete:
+            # The shared parser may have ended in a state not foreseen above:
+            # one client must not be refused for another's request.
+            parse = self._parse = _Parse()
+            request = parse.request
+            refusal = self._feed(parse, data, len(data))
         if request.complete:
+            parse.served = True
             version = parse.parser.get_http_version()
             if request.pipelined or not _parser_goes_on(version, request):
                 # The shared parser stopped inside a next request, or takes
