@@ -20,8 +20,9 @@ from .channels import ChannelState
 from .config import VERBOSE, Config
 from .deadlines import Deadlines
 from .eventloop import READ, Acceptor, Sweeper, lend
-from .protocol import (MAX_NUMBER_DIGITS, InRequest, ProtocolError, parse_in_request,
-                       render_error, render_in_reply, render_online, render_watch)
+from .protocol import (MAX_NUMBER_DIGITS, InRequest, InRequestBuffer, ProtocolError,
+                       parse_in_request, render_error, render_in_reply, render_online,
+                       render_watch)
 
 log = logging.getLogger("realplexor.inline")
 
@@ -108,7 +109,7 @@ class _Connection:
         self.sock = sock
         self.address = address
         self.watcher = None       # made only if the request does not come whole at once
-        self.buf = b""
+        self.buf: InRequestBuffer | None = None
         self.drained = 0
 
 
@@ -161,16 +162,20 @@ class InServer:
             self._close(conn)
             return
         eof = not chunk
-        buf = conn.buf = conn.buf + chunk if conn.buf else chunk
         config = self.line.config
-        if len(buf) > config.IN_MAXLEN:
+        if conn.buf is None:
+            data, worth = chunk, True      # the first read: usually the whole request
+        else:
+            conn.buf.add(chunk)
+            data, worth = conn.buf.data, conn.buf.worth_parsing(eof)
+        if len(data) > config.IN_MAXLEN:
             log.info("IN %s: request over IN_MAXLEN", _peer(conn.address))
             self._answer(conn, render_error(ProtocolError(
                 413, f"request longer than IN_MAXLEN ({config.IN_MAXLEN} bytes); nothing published")),
                 eof, early=True)
             return
         try:
-            request = parse_in_request(buf, eof, config.IDENTIFIER)
+            request = parse_in_request(data, eof, config.IDENTIFIER) if worth else None
         except ProtocolError as error:
             log.info("IN %s: %s %s", _peer(conn.address), error.status, error.reason)
             self._answer(conn, render_error(error), eof, early=True)
@@ -178,8 +183,11 @@ class InServer:
         if request is None:
             if eof:     # cannot happen: a request that ended is complete or refused
                 self._close(conn)
-            else:
-                self._wait_for_more(conn)
+                return
+            if conn.buf is None:
+                conn.buf = InRequestBuffer()
+                conn.buf.add(chunk)
+            self._wait_for_more(conn)
             return
         self._answer(conn, self.line.serve(request, conn.address), eof, early=False)
 
@@ -196,7 +204,7 @@ class InServer:
         if conn.watcher is not None:
             self._reading.cancel(conn)
             conn.watcher.stop()
-        conn.buf = b""
+        conn.buf = None
         try:
             sent = conn.sock.send(reply)
         except BlockingIOError:

@@ -197,10 +197,57 @@ def parse_in_request(buf: bytes, eof: bool, marker: str = "identifier") -> InReq
     return InRequest(identifier, data=_checked_data(data))
 
 
-def _find_head_end(buf: bytes) -> tuple[int, int] | None:
-    """Where the first blank line (``\r?\n\r?\n``) starts and ends, or None."""
-    crlf = buf.find(b"\n\r\n")
-    lf = buf.find(b"\n\n")
+class InRequestBuffer:
+    """An IN-line request's bytes as they come, and when to parse them.
+
+    Until the head has ended, or the body has reached its Content-Length,
+    or the client has closed its side, :func:`parse_in_request` can only
+    say "not yet"; the buffer says when it may say more, so a request
+    sent in many small pieces is not parsed again at every piece.
+    """
+
+    __slots__ = ("data", "_scanned", "_head_end", "_need")
+
+    def __init__(self) -> None:
+        self.data: bytes | bytearray = b""
+        self._scanned = 0          # bytes searched for the head's end so far
+        self._head_end: int | None = None
+        self._need: int | None = None   # the request's whole length, once its head says
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def add(self, chunk: bytes) -> None:
+        """Append received bytes."""
+        if not self.data:
+            self.data = chunk
+        else:
+            if isinstance(self.data, bytes):
+                self.data = bytearray(self.data)
+            self.data += chunk
+
+    def worth_parsing(self, eof: bool) -> bool:
+        """Whether parsing now may find the request complete (or wrong)."""
+        if eof:
+            return True
+        if self._head_end is None:
+            # A blank line may straddle the last search's end: look 3 bytes back.
+            found = _find_head_end(self.data, max(self._scanned - 3, 0))
+            self._scanned = len(self.data)
+            if found is None:
+                return False
+            self._head_end = found[1]
+            length = _CONTENT_LENGTH_RE.search(self.data, 0, found[0])
+            if length is not None and length.group(1).isdigit() and len(length.group(1)) <= MAX_NUMBER_DIGITS:
+                self._need = found[1] + int(length.group(1))
+            return True
+        return self._need is not None and len(self.data) >= self._need
+
+
+def _find_head_end(buf: bytes, start: int = 0) -> tuple[int, int] | None:
+    """Where the first blank line (``\r?\n\r?\n``) at or after ``start`` starts and ends, or None."""
+    crlf = buf.find(b"\n\r\n", start)
+    lf = buf.find(b"\n\n", start)
     if crlf < 0 and lf < 0:
         return None
     if lf < 0 or 0 <= crlf < lf:

@@ -359,3 +359,18 @@ def test_custom_identifier_word(server_factory, cid):
     request = f'POST / HTTP/1.1\r\nContent-Length: 3\r\nX-Realplexor: ident={cid}a\r\n\r\n"x"'.encode()
     assert parse_response(custom.in_raw(request)).status == 200
     assert received(poll)[0]["data"] == "x"
+
+
+def test_publish_sent_in_many_small_pieces_is_served(server, cid):
+    poll = server.listen(f"{cid}a")
+    data = json.dumps({"text": "x" * 300}).encode()
+    request = (f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+               f"X-Realplexor: identifier={cid}a\r\n\r\n").encode() + data
+    with socket.create_connection(("127.0.0.1", server.in_port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for start in range(0, len(request), 7):
+            sock.sendall(request[start:start + 7])
+            time.sleep(0.001)
+        reply = parse_response(read_to_eof(sock))
+    assert reply.status == 200
+    assert received(poll)[0]["data"] == {"text": "x" * 300}

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import simplejson
 
-from realplexor.protocol import (Identifier, ProtocolError, find_identifier, parse_identifier,
-                                 parse_in_request, parse_wait_request, render_in_reply,
-                                 render_online, render_wait_body, render_wait_body_one, render_watch)
+from realplexor.protocol import (Identifier, InRequestBuffer, ProtocolError, find_identifier,
+                                 parse_identifier, parse_in_request, parse_wait_request,
+                                 render_in_reply, render_online, render_wait_body,
+                                 render_wait_body_one, render_watch)
 
 REQUESTS = Path(__file__).parent / "requests" / "in"
 
@@ -160,3 +161,41 @@ def test_parsing_many_distinct_long_identifiers_holds_no_memory():
     finally:
         tracemalloc.stop()
     assert held < 2_000_000
+
+
+def feed_bytewise(raw: bytes) -> list[int]:
+    """Feed ``raw`` one byte at a time; the lengths at which parsing was worth it."""
+    buffer = InRequestBuffer()
+    worth = []
+    for i in range(len(raw)):
+        buffer.add(raw[i:i + 1])
+        if buffer.worth_parsing(eof=False):
+            worth.append(len(buffer))
+    assert bytes(buffer.data) == raw
+    return worth
+
+
+def test_buffer_asks_for_a_parse_at_the_head_end_and_when_the_body_is_whole():
+    head = b"POST / HTTP/1.1\r\nContent-Length: 7\r\nX-Realplexor: identifier=abc\r\n\r\n"
+    raw = head + b'{"m":1}'
+    assert feed_bytewise(raw) == [len(head), len(raw)]
+    assert parse_in_request(raw, False).data == b'{"m":1}'
+
+
+def test_buffer_without_content_length_waits_for_the_end_after_the_head():
+    head = b"X-Realplexor: identifier=abc\n\n"
+    assert feed_bytewise(head + b'"data"') == [len(head)]
+    buffer = InRequestBuffer()
+    buffer.add(head + b'"data"')
+    assert buffer.worth_parsing(eof=True)
+
+
+@pytest.mark.parametrize("cut", range(1, 4))
+def test_buffer_finds_a_blank_line_cut_in_two(cut):
+    head = b"ONLINE\r\n\r\n"
+    buffer = InRequestBuffer()
+    buffer.add(head[:len(head) - 4 + cut])
+    assert not buffer.worth_parsing(eof=False)
+    buffer.add(head[len(head) - 4 + cut:])
+    assert buffer.worth_parsing(eof=False)
+    assert parse_in_request(buffer.data, False).command == "ONLINE"
