@@ -30,6 +30,9 @@ READ = 1
 ACCEPT_BATCH = 64
 # After running out of file descriptors, how long to stop accepting.
 ACCEPT_PAUSE = 0.1
+# After an early answer: how long, and how much, to read before closing.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1024 * 1024
 _OUT_OF_FILES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -120,6 +123,30 @@ def take_back(lent: gevent.socket.socket) -> _socket.socket:
     sock = _socket.socket(lent.family, lent.type, lent.proto, lent.detach())
     sock.setblocking(False)
     return sock
+
+
+def linger(lent: gevent.socket.socket) -> None:
+    """Say we are done, then read and drop what the client still sends (in a greenlet).
+
+    Closing with unread input makes the kernel reset the connection, and
+    the client may lose the answer just sent (a 413 above all). Reads
+    stop at end of input, after LINGER_BYTES, or LINGER_SECONDS in all.
+    """
+    try:
+        lent.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_SECONDS
+        drained = 0
+        while drained < LINGER_BYTES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            lent.settimeout(left)
+            chunk = lent.recv(65536)
+            if not chunk:
+                return
+            drained += len(chunk)
+    except OSError:
+        pass
 
 
 class Sweeper:

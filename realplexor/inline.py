@@ -19,7 +19,7 @@ from .auth import Principal, Users
 from .channels import ChannelState
 from .config import VERBOSE, Config
 from .deadlines import Deadlines
-from .eventloop import READ, Acceptor, Sweeper, lend
+from .eventloop import LINGER_BYTES, LINGER_SECONDS, READ, Acceptor, Sweeper, lend, linger
 from .protocol import (MAX_NUMBER_DIGITS, InRequest, InRequestBuffer, ProtocolError,
                        parse_in_request, render_error, render_in_reply, render_online,
                        render_watch)
@@ -27,9 +27,6 @@ from .protocol import (MAX_NUMBER_DIGITS, InRequest, InRequestBuffer, ProtocolEr
 log = logging.getLogger("realplexor.inline")
 
 RECV_SIZE = 65536
-# After an early reply: how long, and how much, to read before closing.
-LINGER_SECONDS = 2.0
-LINGER_BYTES = 16 * 1024 * 1024
 SWEEP_INTERVAL = 0.25
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _OK = render_in_reply(200)
@@ -228,14 +225,7 @@ class InServer:
         try:
             sock.sendall(rest)
             if not eof:
-                sock.shutdown(socket.SHUT_WR)
-                sock.settimeout(LINGER_SECONDS)
-                drained = 0
-                while drained < LINGER_BYTES:
-                    chunk = sock.recv(RECV_SIZE)
-                    if not chunk:
-                        break
-                    drained += len(chunk)
+                linger(sock)
         except OSError as exc:
             log.debug("IN %s: connection lost: %s", _peer(conn.address), exc)
         finally:

@@ -29,7 +29,7 @@ from gevent.hub import get_hub
 
 from .channels import ChannelState
 from .deadlines import Deadlines
-from .eventloop import READ, Acceptor, Sweeper, lend, take_back
+from .eventloop import READ, Acceptor, Sweeper, lend, linger, take_back
 from .protocol import ProtocolError
 from .wait import FIRST_BYTES, Reply, WaitLine, error_reply, peer_closed, wants_keep_alive
 
@@ -42,9 +42,6 @@ MAX_HEAD_BYTES = 16384
 REQUEST_TIMEOUT = 30.0
 # Seconds a kept-alive connection may sit idle between polls.
 KEEPALIVE_IDLE = 30.0
-# After refusing a request still arriving: how long, and how much, to read before closing.
-LINGER_SECONDS = 2.0
-LINGER_BYTES = 16 * 1024 * 1024
 SWEEP_INTERVAL = 0.25
 _FIRST_CHUNK = b"3\r\n \r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -54,7 +51,7 @@ _WANTED_HEADERS = frozenset({b"origin", b"connection", b"content-length", b"if-m
 # Headers in which a "close" makes llhttp refuse any further request.
 _CLOSING_HEADERS = frozenset({b"connection", b"proxy-connection"})
 # What happens to a connection once its answer is out.
-_CLOSE, _IDLE, _PARK = "close", "idle", "park"
+_CLOSE, _IDLE, _PARK, _LINGER = "close", "idle", "park", "linger"
 
 
 class _Request:
@@ -222,7 +219,7 @@ class LeanWaitServer:
             self._respond(conn, request, parse.parser.get_method(), version)
         elif refusal is not None:
             self._parse = _Parse()
-            self._send(conn, refusal, _CLOSE)
+            self._send(conn, refusal, _LINGER)
         else:
             # This request's parser now holds a part of it: the connection
             # keeps it, and a fresh one serves the others.
@@ -258,7 +255,7 @@ class LeanWaitServer:
                 refusal = self._feed(parse, data, received)
                 if refusal is not None:
                     sock.sendall(refusal)
-                    _linger(sock)
+                    linger(sock)
                     raise ConnectionError("request refused")
         except OSError:
             sock.close()
@@ -282,7 +279,8 @@ class LeanWaitServer:
         result = self.line.answer(method.decode("latin-1"), request.url.decode("latin-1"),
                                   request.headers.get, lambda limit: request.body[:limit])
         if isinstance(result, Reply):
-            self._send(conn, _render_reply(result), _CLOSE)
+            # Bytes after the request: close gently, or the client may lose the reply.
+            self._send(conn, _render_reply(result), _LINGER if request.pipelined else _CLOSE)
             return
         keep_alive = not request.pipelined and wants_keep_alive(version, request.headers.get("connection"))
         conn.keep_alive = keep_alive
@@ -340,8 +338,18 @@ class LeanWaitServer:
         elif then == _IDLE:
             conn.cursors = {}
             self._wait_for_request(conn, KEEPALIVE_IDLE)
+        elif then == _LINGER:
+            gevent.spawn(self._linger_and_close, conn)
         else:
             self._close(conn)
+
+    def _linger_and_close(self, conn: LeanPoll) -> None:
+        """After refusing a request the client may still be sending: let it read the refusal."""
+        sock = lend(conn.sock, REQUEST_TIMEOUT)
+        conn.sock = None
+        linger(sock)
+        sock.close()
+        self._close(conn)
 
     # -- parking and waking ------------------------------------------------------
 
@@ -426,26 +434,6 @@ def _parser_goes_on(version: str, request: _Request) -> bool:
     """Whether the parser takes another request after this one (llhttp
     refuses one after any ``Connection: close``, and after HTTP/1.0)."""
     return version == "1.1" and not request.closing
-
-
-def _linger(sock: socket.socket) -> None:
-    """Say we are done, then read and drop what the client still sends.
-
-    Closing with unread input makes the kernel reset the connection, and
-    the client may lose the refusal just sent.
-    """
-    sock.shutdown(socket.SHUT_WR)
-    deadline = time.monotonic() + LINGER_SECONDS
-    drained = 0
-    while drained < LINGER_BYTES:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        sock.settimeout(left)
-        chunk = sock.recv(READ_SIZE * 8)
-        if not chunk:
-            return
-        drained += len(chunk)
 
 
 def _render_head(status: str, headers) -> bytes:

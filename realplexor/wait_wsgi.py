@@ -17,6 +17,7 @@ from gevent.hub import get_hub
 from gevent.pywsgi import WSGIHandler
 
 from .channels import ChannelState
+from .eventloop import linger
 from .wait import FIRST_BYTES, Reply, WaitLine, peer_closed, wants_keep_alive
 
 StartResponse = Callable[..., object]
@@ -84,6 +85,11 @@ class WaitApp:
                 self.state.unlisten(listener)
 
 
+def _input_pending(sock) -> bool:
+    """Whether the client has sent bytes not read yet."""
+    return peer_closed(getattr(sock, "_sock", sock)) is False
+
+
 def _client_socket(environ: dict) -> socket.socket | None:
     return environ.get("realplexor.socket") or environ.get("gunicorn.socket")
 
@@ -116,7 +122,8 @@ class LongPollHandler(WSGIHandler):
     - the status line, headers and first body bytes leave in one send;
     - a response that closes the connection is close-delimited, not
       chunked, as raw clients of the old server read to end of file;
-    - the client socket is in the environ, to notice a client that leaves.
+    - the client socket is in the environ, to notice a client that leaves;
+    - a request it cannot read is answered before the connection lingers.
     """
 
     READ_BUFFER = 1024
@@ -132,6 +139,21 @@ class LongPollHandler(WSGIHandler):
         # may wait 40 ms for the client's delayed ACK.
         with contextlib.suppress(OSError):   # not a TCP socket (a UNIX one)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle_one_request(self):
+        result = super().handle_one_request()
+        if isinstance(result, tuple):
+            # A request pywsgi cannot read: answer it here, then close gently.
+            self.status, body = result
+            with contextlib.suppress(OSError):
+                self.socket.sendall(body)
+                linger(self.socket)
+            return None
+        if result is None and self.socket is not None and _input_pending(self.socket):
+            # Closing now would reset the connection, and the client could
+            # lose the answer it has not read yet.
+            linger(self.socket)
+        return result
 
     def get_environ(self) -> dict:
         environ = super().get_environ()

@@ -646,3 +646,11 @@ def test_any_close_header_does_not_disturb_the_next_requests(server, cid, header
     poll = server.listen(f"{cid}a")
     server.publish(f"{cid}a", '"next"')
     assert json.loads(poll.response().body[3:])[0]["data"] == "next"
+
+
+@pytest.mark.parametrize("request_line", [b"GET /\x00 HTTP/1.1", b"GET /?no=identifier HTTP/1.1"])
+def test_refused_request_with_more_bytes_behind_it_reads_its_400_not_a_reset(server, request_line):
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        sock.sendall(request_line + b"\r\nHost: x\r\n\r\n" + b"x" * 200_000)
+        response = parse_response(read_to_eof(sock))
+    assert response.status == 400
