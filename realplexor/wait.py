@@ -63,6 +63,9 @@ class WaitLine:
             return error_reply(error, cors)
         if request.page is not None:
             return self._page(method, header, request.page, cors)
+        if method == "HEAD":
+            # A poll's headers and no body: a HEAD request can never get a message.
+            return Reply(_STATUS[200], (*self._poll_headers, *cors, ("Connection", "close")))
         return request.identifier
 
     def poll_headers(self, origin: str | None) -> tuple[tuple[str, str], ...]:

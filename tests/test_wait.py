@@ -654,3 +654,13 @@ def test_refused_request_with_more_bytes_behind_it_reads_its_400_not_a_reset(ser
         sock.sendall(request_line + b"\r\nHost: x\r\n\r\n" + b"x" * 200_000)
         response = parse_response(read_to_eof(sock))
     assert response.status == 400
+
+
+def test_head_poll_gets_the_poll_headers_and_no_body_at_once(server, cid):
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        sock.sendall(f"HEAD /?identifier={cid}a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n".encode())
+        response = parse_response(read_to_eof(sock))
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/javascript")
+    assert response.body == b""
+    assert server.online(cid) == {}
