@@ -99,6 +99,21 @@ class Servers:
         poll.sock.sent.clear()
         poll.sock.pending = POLL % (f"{cursor}:{channel}".encode(), number)
 
+    def repark(self, polls: list[LeanPoll], channels: list[str]) -> float:
+        """Seconds for every answered poll to ask again and be parked."""
+        for i, (poll, channel) in enumerate(zip(polls, channels)):
+            self.ask_again(poll, channel, i)
+        started = time.perf_counter()
+        for poll in polls:
+            self.wait._on_readable(poll)
+        return time.perf_counter() - started
+
+    @staticmethod
+    def close(polls: list[LeanPoll]) -> None:
+        """Free the stand-ins' descriptors."""
+        for poll in polls:
+            poll.sock.close()
+
 
 def rate_case(servers: Servers, n: int, rounds: int) -> tuple[float, float]:
     """Microseconds per publish and per re-park, polls on their own channels."""
@@ -110,14 +125,8 @@ def rate_case(servers: Servers, n: int, rounds: int) -> tuple[float, float]:
         for channel in channels:
             servers.publish(channel)
         publish += time.perf_counter() - started
-        for i, (poll, channel) in enumerate(zip(polls, channels)):
-            servers.ask_again(poll, channel, i)
-        started = time.perf_counter()
-        for poll in polls:
-            servers.wait._on_readable(poll)
-        repark += time.perf_counter() - started
-    for poll in polls:
-        poll.sock.close()
+        repark += servers.repark(polls, channels)
+    servers.close(polls)
     return publish / rounds / n * 1e6, repark / rounds / n * 1e6
 
 
@@ -127,14 +136,8 @@ def broadcast_case(servers: Servers, n: int, rounds: int) -> float:
     repark = 0.0
     for _ in range(rounds):
         servers.publish("bcast")
-        for i, poll in enumerate(polls):
-            servers.ask_again(poll, "bcast", i)
-        started = time.perf_counter()
-        for poll in polls:
-            servers.wait._on_readable(poll)
-        repark += time.perf_counter() - started
-    for poll in polls:
-        poll.sock.close()
+        repark += servers.repark(polls, ["bcast"] * n)
+    servers.close(polls)
     return repark / rounds / n * 1e6
 
 

@@ -34,6 +34,7 @@ ACCEPT_PAUSE = 0.1
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 16 * 1024 * 1024
 _OUT_OF_FILES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 class Acceptor:
@@ -109,6 +110,30 @@ class Acceptor:
         self._pause.close()
         self._pause = None
         self._watcher.start(self._accept_ready)
+
+
+def peer_closed(raw) -> bool | None:
+    """True if the peer has closed, False if it sent data, None if nothing yet.
+
+    ``raw`` is a standard (not gevent) socket: the peek never waits.
+    """
+    try:
+        return raw.recv(1, _PEEK_FLAGS) == b""
+    except BlockingIOError:
+        return None
+    except OSError:
+        return True
+
+
+def close_connection(conn) -> None:
+    """Close a served connection's read watcher and socket (either may be gone)."""
+    if conn.watcher is not None:
+        conn.watcher.stop()
+        conn.watcher.close()
+        conn.watcher = None
+    if conn.sock is not None:
+        conn.sock.close()
+        conn.sock = None
 
 
 def lend(sock: socket.socket, timeout: float) -> gevent.socket.socket:

@@ -19,7 +19,8 @@ from .auth import Principal, Users
 from .channels import ChannelState
 from .config import VERBOSE, Config
 from .deadlines import Deadlines
-from .eventloop import LINGER_BYTES, LINGER_SECONDS, READ, Acceptor, Sweeper, lend, linger
+from .eventloop import (LINGER_BYTES, LINGER_SECONDS, READ, Acceptor, Sweeper, close_connection,
+                        lend, linger, peer_closed)
 from .protocol import (MAX_NUMBER_DIGITS, InRequest, InRequestBuffer, ProtocolError,
                        parse_in_request, render_error, render_in_reply, render_online,
                        render_watch)
@@ -28,7 +29,6 @@ log = logging.getLogger("realplexor.inline")
 
 RECV_SIZE = 65536
 SWEEP_INTERVAL = 0.25
-_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _OK = render_in_reply(200)
 
 
@@ -212,7 +212,7 @@ class InServer:
             return
         if sent < len(reply):
             gevent.spawn(self._answer_in_greenlet, conn, reply[sent:], eof)
-        elif eof or (not early and _nothing_more(conn.sock)):
+        elif eof or (not early and peer_closed(conn.sock) is not False):
             # Nothing unread: closing sends a plain FIN, and the reply arrives.
             self._close(conn)
         else:
@@ -260,15 +260,10 @@ class InServer:
         self._close(conn)
 
     def _close(self, conn: _Connection) -> None:
-        if conn.watcher is not None:
+        if conn.watcher is not None:     # only a connection that waited has deadlines
             self._reading.cancel(conn)
             self._lingering.cancel(conn)
-            conn.watcher.stop()
-            conn.watcher.close()
-            conn.watcher = None
-        if conn.sock is not None:
-            conn.sock.close()
-            conn.sock = None
+        close_connection(conn)
 
     def _sweep(self, now: float) -> None:
         for conn in self._reading.pop_due(now):
@@ -278,16 +273,6 @@ class InServer:
                      "nothing done")), eof=False, early=True)
         for conn in self._lingering.pop_due(now):
             self._close(conn)
-
-
-def _nothing_more(sock: socket.socket) -> bool:
-    """Whether the client has sent nothing beyond what was read."""
-    try:
-        return sock.recv(1, _PEEK_FLAGS) == b""
-    except BlockingIOError:
-        return True
-    except OSError:
-        return True
 
 
 def _position(text: str) -> int | None:

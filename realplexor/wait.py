@@ -7,7 +7,6 @@ Engines differ only in how they read, wait and write.
 """
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,7 +20,6 @@ NO_CACHE = (("Cache-Control", "no-store, no-cache, must-revalidate"),
 _STATUS = {200: "200 OK", 204: "204 No Content", 304: "304 Not Modified",
            400: "400 Bad Request", 403: "403 Forbidden", 405: "405 Method Not Allowed",
            413: "413 Payload Too Large"}
-_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 Header = Callable[[str], "str | None"]
 ReadBody = Callable[[int], bytes]
@@ -139,13 +137,3 @@ def wants_keep_alive(version: str, connection: str | None) -> bool:
         return False
     connection = connection.lower()
     return connection == "keep-alive" or "keep-alive" in (token.strip() for token in connection.split(","))
-
-
-def peer_closed(raw: socket.socket) -> bool | None:
-    """True if the peer has closed, False if it sent data, None if nothing yet."""
-    try:
-        return raw.recv(1, _PEEK_FLAGS) == b""
-    except BlockingIOError:
-        return None
-    except OSError:
-        return True

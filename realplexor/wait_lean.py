@@ -29,9 +29,9 @@ from gevent.hub import get_hub
 
 from .channels import ChannelState
 from .deadlines import Deadlines
-from .eventloop import READ, Acceptor, Sweeper, lend, linger, take_back
+from .eventloop import READ, Acceptor, Sweeper, close_connection, lend, linger, peer_closed, take_back
 from .protocol import ProtocolError
-from .wait import FIRST_BYTES, Reply, WaitLine, error_reply, peer_closed, wants_keep_alive
+from .wait import FIRST_BYTES, Reply, WaitLine, error_reply, wants_keep_alive
 
 log = logging.getLogger("realplexor.wait")
 
@@ -400,13 +400,7 @@ class LeanWaitServer:
 
     def _close(self, conn: LeanPoll) -> None:
         self._idle.cancel(conn)
-        if conn.watcher is not None:
-            conn.watcher.stop()
-            conn.watcher.close()
-            conn.watcher = None
-        if conn.sock is not None:
-            conn.sock.close()
-            conn.sock = None
+        close_connection(conn)
 
     # -- timeouts ------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from gevent.hub import get_hub
 from gevent.pywsgi import WSGIHandler
 
 from .channels import ChannelState
-from .eventloop import linger
-from .wait import FIRST_BYTES, Reply, WaitLine, peer_closed, wants_keep_alive
+from .eventloop import linger, peer_closed
+from .wait import FIRST_BYTES, Reply, WaitLine, wants_keep_alive
 
 StartResponse = Callable[..., object]
 _CLOSE = (("Connection", "close"),)
