@@ -45,7 +45,22 @@ class Settings:
     max_data_for_id: int = 30
     clean_id_after: float = 3600
     offline_timeout: float = 30
-    event_log_len: int = 3000
+    event_log_len: int = 3003
+
+
+# The position of a fresh state's event log, before any event. The old
+# server's positions started here, so a watcher that passes a small
+# number such as 1 still sees every event.
+FIRST_POSITION = 10
+
+
+def event_log_len(event_chain_len: int) -> int:
+    """How many online/offline events to keep for ``EVENT_CHAIN_LEN``.
+
+    The old server kept up to three chains of ``EVENT_CHAIN_LEN + 1``
+    events; keeping as many means no old watcher misses one.
+    """
+    return 3 * (event_chain_len + 1)
 
 
 class ChannelState(abc.ABC):
@@ -90,7 +105,7 @@ class ChannelState(abc.ABC):
 
     @abc.abstractmethod
     def position(self) -> int:
-        """The position of the newest online/offline transition."""
+        """The position of the newest online/offline transition (FIRST_POSITION before any)."""
 
     @abc.abstractmethod
     def expire(self) -> None:
@@ -154,7 +169,7 @@ class MemoryChannels(ChannelState):
         self._going_offline: Deadlines[str] = Deadlines()
         # (pos, event, channel id), oldest first
         self._events: deque[tuple[int, str, str]] = deque(maxlen=settings.event_log_len)
-        self._position = 0
+        self._position = FIRST_POSITION
         self._listeners = 0
 
     # -- listening ---------------------------------------------------------

@@ -8,7 +8,7 @@
     rpl.send("Alpha", "only for friends", show_only_for_ids=["friends"])
     rpl.online()                  # ["Alpha", ...]
     rpl.online_with_counters()    # {"Alpha": 2, ...}
-    rpl.watch(None)               # [WatchEvent("FAKE", 12, "FAKE")]: start from 12
+    rpl.watch(0)                  # [WatchEvent("FAKE", 12, "FAKE")]: start from 12
     rpl.watch(12)                 # [WatchEvent("online", 13, "Alpha"), ...]
 
 Each request is one TCP connection (TLS on port 443), so one client
@@ -162,8 +162,10 @@ class Realplexor:
         """Channels that went online or offline after ``from_pos``, oldest first.
 
         Each id appears once, with its latest transition. Without a
-        position (None) the answer is one ``FAKE`` event naming the
-        current position: watch from there.
+        position (None, 0, "" or anything but digits, as the old server
+        took them) the answer is one ``FAKE`` event naming the current
+        position: watch from there. A fresh server's position is 10, so
+        ``watch(1)`` lists every event the server still keeps.
         """
         words = ["WATCH"]
         if from_pos is not None and str(from_pos).isdigit():

@@ -276,9 +276,14 @@ class InServer:
 
 
 def _position(text: str) -> int | None:
-    """WATCH's position, or None when ``text`` is not one (ASCII digits, not absurdly many)."""
+    """WATCH's position, or None when ``text`` names none.
+
+    Like the old server, every false value (0 above all, which an old
+    watcher's loop starts from) and anything but ASCII digits of a sane
+    length mean "no position": the answer is then the current one.
+    """
     if text.isascii() and text.isdigit() and len(text) <= MAX_NUMBER_DIGITS:
-        return int(text)
+        return int(text) or None
     return None
 
 

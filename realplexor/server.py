@@ -10,7 +10,7 @@ import gevent.socket
 from gevent.pywsgi import WSGIServer
 
 from .auth import Users
-from .channels import ChannelState, MemoryChannels, Settings
+from .channels import ChannelState, MemoryChannels, Settings, event_log_len
 from .config import RESTART_ONLY, Config, ConfigError, parse_address
 from .inline import InLine, InServer
 from .pages import load_pages
@@ -56,8 +56,7 @@ def channel_settings(config: Config) -> Settings:
     return Settings(max_data_for_id=config.MAX_DATA_FOR_ID,
                     clean_id_after=config.CLEAN_ID_AFTER,
                     offline_timeout=config.OFFLINE_TIMEOUT,
-                    # The old server kept three chains of EVENT_CHAIN_LEN events.
-                    event_log_len=3 * config.EVENT_CHAIN_LEN)
+                    event_log_len=event_log_len(config.EVENT_CHAIN_LEN))
 
 
 def load_users(config: Config) -> Users:

@@ -259,8 +259,22 @@ def test_event_log_is_bounded(make_state, clock):
         state.unlisten(listener)
         state.expire()
     # Only the last four transitions are kept: c8 and c9 going on and off.
-    assert [(e, p, c) for e, p, c in state.watch(0)] == [("offline", 18, "c8"), ("offline", 20, "c9")]
-    assert state.position() == 20
+    assert [(e, p, c) for e, p, c in state.watch(0)] == [("offline", 28, "c8"), ("offline", 30, "c9")]
+    assert state.position() == 30
+
+
+def test_positions_start_at_10_and_grow_by_one_per_event(state, clock):
+    assert state.position() == 10
+    state.listen(Recorder(a=None, b=None))
+    assert state.watch(1) == [("online", 11, "a"), ("online", 12, "b")]
+    assert state.position() == 12
+
+
+def test_event_log_keeps_three_chains_of_event_chain_len_plus_one():
+    from realplexor.channels import event_log_len
+
+    assert event_log_len(3) == 12
+    assert event_log_len(1000) == 3003
 
 
 def test_many_listeners_of_one_channel_all_woken(state):

@@ -129,6 +129,12 @@ def test_watch_with_prefixes(server, cid):
     assert [(e.event, e.id) for e in rpl.watch(str(start), "A")] == [("online", "Alpha")]
 
 
+@pytest.mark.parametrize("start", [None, 0, "0", "", "x"])
+def test_watch_without_a_true_position_names_the_current_one(server, cid, start):
+    (fake,) = client(server, cid).watch(start, "a")
+    assert fake.event == "FAKE" and fake.id == "FAKE" and fake.pos >= 10
+
+
 def test_watch_event_is_a_frozen_value():
     event = WatchEvent("online", 3, "a")
     assert event == WatchEvent("online", 3, "a")
@@ -156,7 +162,7 @@ def test_logon_with_a_namespace_sees_only_its_ids(auth_server, cid):
     rpl = client(auth_server, f"alice_{cid}")
     rpl.logon("alice", "secret")
     assert rpl.online_with_counters() == {"a": 1}
-    assert [(e.event, e.id) for e in rpl.watch(0)] == [("online", "a")]
+    assert [(e.event, e.id) for e in rpl.watch(1)] == [("online", "a")]
     with pytest.raises(RealplexorError) as caught:
         rpl.stats()
     assert caught.value.status == 403 and "STATS" in caught.value.reason

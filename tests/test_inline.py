@@ -208,6 +208,19 @@ def test_watch_with_a_position_that_is_no_number_names_the_current_one(server, p
     assert reply.text.startswith("FAKE ") and reply.text.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", [b"WATCH", b"WATCH 0", b"WATCH 000", b"WATCH  ", b"WATCH 0 abc_",
+                                     b"WATCH abc", b"WATCH 1.5", b"WATCH -3"],
+                         ids=["missing", "zero", "zeros", "empty", "zero-with-prefix", "word", "fraction",
+                              "negative"])
+def test_watch_without_a_true_position_names_the_current_one(server, command):
+    reply = parse_response(server.in_raw(command + b"\n\n"))
+    assert reply.status == 200
+    event, rest = reply.text.split()
+    pos, fake = rest.split(":")
+    assert (event, fake) == ("FAKE", "FAKE") and int(pos) >= 10
+    assert reply.text.count("\n") == 1
+
+
 def test_huge_content_length_is_a_400(server, cid):
     head = f"POST / HTTP/1.1\r\nX-Realplexor: identifier={cid}a\r\nContent-Length: ".encode()
     reply = parse_response(server.in_raw(head + b"9" * 5000 + b"\r\n\r\n1"))
@@ -333,10 +346,10 @@ def test_logged_in_online_and_watch_see_only_their_prefix(guarded):
     assert guarded.command("ONLINE amy_", "bob:secretB@").text == ""
     assert guarded.command("ONLINE", "bob:secretB@").text == ""
     assert guarded.command("ONLINE bob_ amy_", "bob:secretB@").text == "bob_a 1\nbob_b 1\n"
-    watch = guarded.command("WATCH 0 bob_", "bob:secretB@").text
+    watch = guarded.command("WATCH 1 bob_", "bob:secretB@").text
     assert sorted(line.split(":")[1] for line in watch.splitlines()) == ["bob_a", "bob_b"]
-    assert guarded.command("WATCH 0", "bob:secretB@").text == ""
-    assert guarded.command("WATCH 0 amy_", "bob:secretB@").text == ""
+    assert guarded.command("WATCH 1", "bob:secretB@").text == ""
+    assert guarded.command("WATCH 1 amy_", "bob:secretB@").text == ""
     polls[0].close()
 
 
@@ -374,3 +387,17 @@ def test_publish_sent_in_many_small_pieces_is_served(server, cid):
         reply = parse_response(read_to_eof(sock))
     assert reply.status == 200
     assert received(poll)[0]["data"] == {"text": "x" * 300}
+
+
+def test_a_fresh_servers_positions_start_at_10_and_keep_three_chains(server_factory, cid):
+    fresh = server_factory(EVENT_CHAIN_LEN=3)
+    assert fresh.command("WATCH 0").text == "FAKE 10:FAKE\n"
+    channels = [f"{cid}c{n}" for n in range(20)]
+    fresh.listen(",".join(channels))
+    fresh.wait_until(lambda: len(fresh.online(cid)) == 20)
+    assert fresh.command("WATCH").text == "FAKE 30:FAKE\n"
+    # Three chains of EVENT_CHAIN_LEN + 1 events: at least the newest twelve, oldest first.
+    lines = fresh.command("WATCH 1").text.splitlines()
+    listed = [(line.split()[0], int(line.split()[1].split(":")[0]), line.split(":")[1]) for line in lines]
+    assert listed[-12:] == [("online", 11 + n, channels[n]) for n in range(8, 20)]
+    assert [pos for _, pos, _ in listed] == sorted(pos for _, pos, _ in listed)

@@ -172,6 +172,24 @@ def test_cmd_watch_with_prefixes(server, cid):
     assert [(e["event"], e["id"]) for e in events] == [("online", "Beta")]
 
 
+@pytest.mark.parametrize("start", ["0", "null", "''", "'x'"])
+def test_cmd_watch_without_a_true_position_names_the_current_one(server, cid, start):
+    events = php(NEW + f"return $r->cmdWatch({start}, 'a');", port=server.in_port, ns=cid)
+    assert len(events) == 1 and events[0]["event"] == "FAKE" and events[0]["id"] == "FAKE"
+    assert events[0]["pos"] >= 10
+
+
+def test_cmd_watch_from_an_old_scripts_first_position(server_factory, cid):
+    fresh = server_factory(EVENT_CHAIN_LEN=3)
+    new = "$r = new Dklab_Realplexor('127.0.0.1', $a['port'], $a['ns']);"
+    assert php(new + "return $r->cmdWatch(0);", port=fresh.in_port, ns=cid) == [
+        {"event": "FAKE", "pos": 10, "id": "FAKE"}]
+    fresh.listen(",".join(f"{cid}c{n}" for n in range(20)))
+    fresh.wait_until(lambda: len(fresh.online(cid)) == 20)
+    events = php(new + "return $r->cmdWatch(1);", port=fresh.in_port, ns=cid)
+    assert events[-12:] == [{"event": "online", "pos": 11 + n, "id": f"c{n}"} for n in range(8, 20)]
+
+
 def test_logon_publishes_under_the_login_prefix(auth_server, cid):
     own = auth_server.listen(f"alice_{cid}a")
     foreign = auth_server.listen(f"{cid}a")
@@ -184,7 +202,7 @@ def test_logon_publishes_under_the_login_prefix(auth_server, cid):
 def test_logon_with_a_namespace_sees_only_its_ids(auth_server, cid):
     auth_server.listen(f"alice_{cid}a,{cid}b")
     result = php("$r = new Dklab_Realplexor('127.0.0.1', $a['port'], $a['ns']); $r->logon('alice', 'secret');"
-                 "return [$r->cmdOnlineWithCounters(), $r->cmdWatch(0)];",
+                 "return [$r->cmdOnlineWithCounters(), $r->cmdWatch(1)];",
                  port=auth_server.in_port, ns=f"alice_{cid}")
     counters, events = result
     assert counters == {"a": 1}

@@ -151,11 +151,21 @@ class Dklab_Realplexor
 
     /**
      * Channels that went online or offline after position $fromPos, oldest
-     * first. With a non-numeric $fromPos (e.g. null) the answer is a single
-     * entry with event "FAKE" whose "pos" is the current position: start
-     * watching from there.
+     * first; each id once, with its latest event. With no position ($fromPos
+     * 0, null, "" or not a number) the answer is a single entry with event
+     * "FAKE" whose "pos" is the current position: start watching from there,
+     * as in
      *
-     * @param int|string|null   $fromPos    Position of the last event seen.
+     *   $pos = 0;
+     *   while (true) {
+     *       foreach ($rpl->cmdWatch($pos) as $e) { $pos = $e["pos"]; ... }
+     *       sleep(1);
+     *   }
+     *
+     * A fresh server's position is 10, so cmdWatch(1) lists every event it
+     * still keeps (at least the newest 3 * (EVENT_CHAIN_LEN + 1)).
+     *
+     * @param int|string|null   $fromPos    Position of the last event seen (0: none yet).
      * @param array|string|null $idPrefixes Only ids starting with one of these.
      * @return array List of array("event" => "online"|"offline"|"FAKE", "pos" => int, "id" => string).
      */
