@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from . import __version__
 from .config import ConfigError, load_config
 from .lifecycle import Daemon, Restart, Supervisor, configure_logging
 from .server import Realplexor, StartError
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the server's pid here once it listens; removed on exit")
     parser.add_argument("--check-config", action="store_true",
                         help="validate the configuration and the files it names, then exit")
+    parser.add_argument("--version", action="version", version=f"realplexor {__version__}")
     return parser
 
 

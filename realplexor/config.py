@@ -7,13 +7,14 @@ the server runs with no file at all.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 
 class ConfigError(Exception):
@@ -119,11 +120,17 @@ def validate(raw: dict[str, Any]) -> Config:
     for key, value in raw.items():
         name = key.upper()
         if name not in fields:
-            raise ConfigError(f"unknown option {key!r}")
+            raise ConfigError(f"unknown option {key!r}{_suggestion(name, fields)}")
         values[name] = _convert(name, fields[name].type, value)
     config = Config(**values)
     _check_ranges(config)
     return config
+
+
+def _suggestion(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean X?"`` for the known option nearest to a misspelt one, or ""."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _convert(name: str, kind: str, value: Any) -> Any:
@@ -145,7 +152,8 @@ def _convert(name: str, kind: str, value: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"option {name} must be a string, not {value!r}")
-    # Lists: a TOML array of strings, or one comma-separated string.
+    # Lists: a TOML array of strings, or one string of comma-separated
+    # items (WAIT_ADDR = "0.0.0.0:8088" is one address, as documented).
     if isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):

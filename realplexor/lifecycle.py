@@ -210,9 +210,11 @@ class Daemon:
         handlers = [gevent.signal_handler(signum, self._queue, name)
                     for signum, name in _SIGNALS.items()]
         guard = None
+        started = False
         try:
             raise_file_limit()
             self.server.start()
+            started = True
             tune_gc()
             if self.pidfile:
                 self.pidfile.write()
@@ -234,7 +236,8 @@ class Daemon:
             self.server.stop()
             if self.pidfile and not self.supervised:
                 self.pidfile.remove()
-            log.info("realplexor stopped")
+            if started:
+                log.info("realplexor stopped")
 
     def _queue(self, name: str) -> None:
         self._signals.append(name)

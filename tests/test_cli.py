@@ -46,11 +46,14 @@ def test_port_in_use_is_one_clear_line_and_status_1(tmp_path):
     assert result.returncode == 1
     assert f"cannot listen on IN_ADDR 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+    # It never started, so it never stopped either.
+    assert "stopped" not in result.stderr
 
 
 @pytest.mark.parametrize("content, message", [
     ("WAIT_TIMEOUT = 'x'\n", "WAIT_TIMEOUT must be a number"),
     ("NOPE = 1\n", "unknown option 'NOPE'"),
+    ("WAIT_TIMOUT = 1\n", "unknown option 'WAIT_TIMOUT'; did you mean WAIT_TIMEOUT?"),
     ("[[[\n", "not valid TOML"),
 ])
 def test_bad_config_is_one_clear_line_and_status_1(tmp_path, content, message):
@@ -110,3 +113,11 @@ def test_help():
     result = run_cli("--help")
     assert result.returncode == 0
     assert "--config" in result.stdout
+
+
+def test_version():
+    from realplexor import __version__
+
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"realplexor {__version__}"

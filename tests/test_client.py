@@ -381,3 +381,19 @@ def test_client_module_stands_alone(server, cid, tmp_path):
                           timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert [p["data"] for p in wait_parts(poll.response())] == [{"alone": True}]
+
+
+def readme_snippet(language: str, after: str) -> str:
+    """The README's first ``language`` code block after the heading ``after``."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"```{language}\n", text.index(after)) + len(language) + 4
+    return text[start:text.index("```", start)]
+
+
+def test_readme_snippet_runs_as_pasted(server):
+    poll = server.listen("demo_Alpha")
+    code = readme_snippet("python", "### Python (back ends)").replace("10010", str(server.in_port))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert [p["data"] for p in wait_parts(poll.response())] == [{"text": "hello"}]
+    assert "'Alpha': 0" in result.stdout

@@ -29,6 +29,20 @@ def test_keys_are_case_insensitive_and_lists_accept_strings(tmp_path):
     assert config.WAIT_TIMEOUT == 5.0 and config.JS_DEBUG is True
 
 
+def test_a_list_option_takes_one_address_as_a_string(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('WAIT_ADDR = "0.0.0.0:8088"\nCORS_ORIGINS = "https://a.example"\n')
+    config = load_config(str(path))
+    assert config.WAIT_ADDR == ("0.0.0.0:8088",)
+    assert config.CORS_ORIGINS == ("https://a.example",)
+
+
+def test_an_unknown_option_far_from_any_gets_no_suggestion():
+    with pytest.raises(ConfigError) as caught:
+        validate({"COLOUR": "blue"})
+    assert str(caught.value) == "unknown option 'COLOUR'"
+
+
 def test_relative_files_are_relative_to_the_config_file(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('users_file = "users"\n')
@@ -37,6 +51,8 @@ def test_relative_files_are_relative_to_the_config_file(tmp_path):
 
 @pytest.mark.parametrize("raw, message", [
     ({"NO_SUCH": 1}, "unknown option 'NO_SUCH'"),
+    ({"wait_timout": 1}, "unknown option 'wait_timout'; did you mean WAIT_TIMEOUT?"),
+    ({"in_adr": []}, "did you mean IN_ADDR?"),
     ({"wait_timeout": "soon"}, "WAIT_TIMEOUT must be a number"),
     ({"WAIT_MAXLEN": 1.5}, "WAIT_MAXLEN must be a whole number"),
     ({"JS_DEBUG": "yes"}, "JS_DEBUG must be true or false"),
