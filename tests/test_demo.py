@@ -97,6 +97,8 @@ def messages(page, channel: str) -> list[dict]:
         """items => items.map(item => ({
             channel: item.querySelector('.message-channel').textContent,
             cursor: item.querySelector('.message-cursor').textContent,
+            author: item.querySelector('.meta .message-author')?.textContent ?? null,
+            cursorInMeta: item.querySelector('.meta .message-cursor') !== null,
             time: item.querySelector('.message-time').textContent,
             text: item.querySelector('.message-body').innerText,
             html: item.querySelector('.message-body').innerHTML}))""")
@@ -146,6 +148,8 @@ def test_a_message_to_two_channels_reaches_both_pages_once(demo, open_page):
         assert re.fullmatch(r"\d+\.\d+", alpha[0]["cursor"])
         assert alpha[0]["cursor"] == beta[0]["cursor"] == messages(first, "Alpha")[0]["cursor"]
         assert re.search(r"\d{1,2}:\d{2}:\d{2}", alpha[0]["time"])
+        # A plain post names its author; the raw cursor sits below, not in the heading line.
+        assert alpha[0]["author"] == "guest" and not alpha[0]["cursorInMeta"]
         assert page.errors == []
     assert first.input_value("#post-text") == ""
 
@@ -215,6 +219,7 @@ def test_structured_data_is_shown_as_structure(demo, open_page):
     body = page.locator('.channel[data-id="Alpha"] .message-body').first
     keys = body.locator(":scope > dl.tree > dt").all_text_contents()
     assert keys == ["author", "text", "sent_at", "to"]
+    assert message["author"] == "Ann"
     assert body.locator(":scope > dl.tree > dd").nth(0).text_content() == "Ann"
     assert body.locator("ol.tree > li").all_text_contents() == ["Alpha"]
     assert "{" not in message["text"]
@@ -296,8 +301,22 @@ def test_api_send_rejects_bad_input_with_400(demo):
     assert demo.post({"ids": "Alpha, Beta,Alpha", "text": " ok "}) == (200, {"ok": True, "ids": ["Alpha", "Beta"]})
     parts = wait_parts(poll.response())
     assert len(parts) == 1
-    assert parts[0]["data"] == "ok"
+    assert parts[0]["data"] == {"author": "guest", "text": "ok"}
     assert sorted(parts[0]["ids"]) == ["demo_Alpha", "demo_Beta"]
+
+
+def test_a_plain_post_shows_its_author_and_the_page_has_an_icon(demo, open_page):
+    page = open_page(demo.url + "?ids=Alpha")
+    demo.wait_listeners("Alpha", 1)
+    page.fill("#post-author", "Ann")
+    send_from(page, "Alpha", "plain hello")
+    (message,) = wait_messages(page, "Alpha", 1)
+    assert (message["author"], message["text"]) == ("Ann", "plain hello")
+    icon = page.get_attribute('link[rel="icon"]', "href")
+    for path in (icon, "/favicon.ico"):
+        with urllib.request.urlopen(demo.url.rstrip("/") + path, timeout=10) as response:
+            assert response.headers["Content-Type"] == "image/svg+xml"
+            assert response.read().startswith(b"<svg")
 
 
 def test_structured_posts_carry_author_text_time_and_channels():
@@ -308,7 +327,8 @@ def test_structured_posts_carry_author_text_time_and_channels():
     assert post.ids == ("Alpha", "Beta")
     assert post.data == {"author": "guest", "text": "hi", "sent_at": "2024-11-25T12:00:00+00:00",
                          "to": ["Alpha", "Beta"]}
-    assert parse_post({"ids": ["Alpha"], "text": "plain"}).data == "plain"
+    assert parse_post({"ids": ["Alpha"], "text": "plain"}).data == {"author": "guest", "text": "plain"}
+    assert parse_post({"ids": ["Alpha"], "text": "plain", "author": "Ann"}).data == {"author": "Ann", "text": "plain"}
     with pytest.raises(BadInput, match="name is too long"):
         parse_post({"ids": "Alpha", "text": "hi", "structured": True, "author": "a" * 41})
 

@@ -30,7 +30,8 @@ from .online import OnlineList
 log = logging.getLogger("realplexor.demo")
 
 MAX_BODY = 16 * 1024
-STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+                ".svg": "image/svg+xml"}
 
 
 def _static_text(name: str) -> str:
@@ -79,8 +80,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
             self._send(200, "text/html; charset=utf-8", self.server.sandbox.page())
         elif path == "/api/online":
             self._json(200, self.server.sandbox.online.snapshot())
-        elif path.startswith("/static/") and "/" not in path[len("/static/"):]:
-            name = path[len("/static/"):]
+        elif path == "/favicon.ico" or path.startswith("/static/") and "/" not in path[len("/static/"):]:
+            # Browsers ask for /favicon.ico whatever the page links; the SVG serves both.
+            name = "favicon.svg" if path == "/favicon.ico" else path[len("/static/"):]
             kind = STATIC_TYPES.get(name[name.rfind("."):]) if "." in name else None
             try:
                 text = _static_text(name) if kind else None

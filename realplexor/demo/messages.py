@@ -66,8 +66,9 @@ def parse_ids(value: Any) -> tuple[str, ...]:
 def parse_post(payload: Any, now: datetime | None = None) -> Post:
     """Check the form's JSON ``{ids, text, structured, author}``; the Post to publish.
 
-    A plain message is the text itself; a structured one is
-    ``{author, text, sent_at, to}``, which pages show as a tree.
+    A plain message is ``{author, text}``, which pages show as a chat
+    line; a structured one is ``{author, text, sent_at, to}``, which pages
+    show as a tree. Both name their author.
     """
     if not isinstance(payload, dict):
         raise BadInput("send a JSON object: {\"ids\": ..., \"text\": ...}")
@@ -81,13 +82,17 @@ def parse_post(payload: Any, now: datetime | None = None) -> Post:
     structured = payload.get("structured", False)
     if not isinstance(structured, bool):
         raise BadInput("structured must be true or false")
+    author = _author(payload.get("author", ""))
     if not structured:
-        return Post(ids, text)
-    author = payload.get("author", "")
-    if not isinstance(author, str):
-        raise BadInput("author must be a name")
-    author = author.strip() or "guest"
-    if len(author) > MAX_AUTHOR:
-        raise BadInput(f"the name is too long: at most {MAX_AUTHOR} characters")
+        return Post(ids, {"author": author, "text": text})
     sent_at = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
     return Post(ids, {"author": author, "text": text, "sent_at": sent_at, "to": list(ids)})
+
+
+def _author(value: Any) -> str:
+    if not isinstance(value, str):
+        raise BadInput("author must be a name")
+    author = value.strip() or "guest"
+    if len(author) > MAX_AUTHOR:
+        raise BadInput(f"the name is too long: at most {MAX_AUTHOR} characters")
+    return author

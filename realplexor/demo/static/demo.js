@@ -80,6 +80,16 @@
     return element("span", "value-" + (value === null ? "null" : typeof value), String(value));
   }
 
+  function authorOf(data) {
+    return data !== null && typeof data === "object" && !Array.isArray(data)
+      && typeof data.author === "string" ? data.author : null;
+  }
+
+  function isPlainPost(data) {
+    return authorOf(data) !== null && typeof data.text === "string"
+      && Object.keys(data).length === 2;
+  }
+
   function cursorTime(cursor) {
     var date = new Date(parseFloat(cursor) * 1000);
     return isNaN(date.getTime()) ? "" : date.toLocaleTimeString();
@@ -94,16 +104,20 @@
     item.setAttribute("data-cursor", cursor);
     var meta = element("div", "meta");
     meta.appendChild(element("span", "message-channel", name));
+    var author = authorOf(data);
+    if (author !== null) meta.appendChild(element("span", "message-author", author));
     var time = element("time", "message-time", cursorTime(cursor));
     time.setAttribute("datetime", new Date(parseFloat(cursor) * 1000).toISOString());
+    time.title = "cursor " + cursor;
     meta.appendChild(time);
-    var cursorNode = element("span", "message-cursor", cursor);
-    cursorNode.title = "cursor: this message's position in the channel";
-    meta.appendChild(cursorNode);
     item.appendChild(meta);
     var body = element("div", "message-body");
-    body.appendChild(renderValue(data));
+    // A plain post ({author, text}) reads as a chat line; anything else as a tree.
+    body.appendChild(isPlainPost(data) ? element("span", "value-string", data.text) : renderValue(data));
     item.appendChild(body);
+    var cursorNode = element("div", "message-cursor", cursor);
+    cursorNode.title = "cursor: this message's position in the channel";
+    item.appendChild(cursorNode);
     channel.list.insertBefore(item, channel.list.firstChild);
     while (channel.list.children.length > MAX_MESSAGES) channel.list.removeChild(channel.list.lastChild);
     channel.pane.classList.remove("fresh");
