@@ -46,12 +46,15 @@ class Settings:
     clean_id_after: float = 3600
     offline_timeout: float = 30
     event_log_len: int = 3003
+    max_answer: int = 1 << 20
 
 
 # The position of a fresh state's event log, before any event. The old
 # server's positions started here, so a watcher that passes a small
 # number such as 1 still sees every event.
 FIRST_POSITION = 10
+# How many rendered answers to keep for identical polls (each at most WAIT_MAX_ANSWER).
+ANSWERS_KEPT = 8
 
 
 def event_log_len(event_chain_len: int) -> int:
@@ -171,6 +174,9 @@ class MemoryChannels(ChannelState):
         self._events: deque[tuple[int, str, str]] = deque(maxlen=settings.event_log_len)
         self._position = FIRST_POSITION
         self._listeners = 0
+        # Answers rendered from the queues as they are now, by the cursors
+        # asked with: identical polls at the same moment share one body.
+        self._answers: dict[tuple, bytes] = {}
 
     # -- listening ---------------------------------------------------------
 
@@ -183,7 +189,7 @@ class MemoryChannels(ChannelState):
                     now = self._cursors.now()
                 cursors[channel_id] = now
         self._clean_if_idle(cursors)
-        body = self._queued_body(cursors)
+        body = self._answer_from_queues(cursors)
         if body is not None:
             return body
         for channel_id in cursors:
@@ -215,9 +221,20 @@ class MemoryChannels(ChannelState):
     def _left(self, channel_id: str) -> None:
         self._going_offline.set(channel_id, self._clock() + self.settings.offline_timeout)
 
+    def _answer_from_queues(self, cursors: dict[str, Decimal]) -> bytes | None:
+        key = tuple(cursors.items())
+        body = self._answers.get(key)
+        if body is None:
+            body = self._queued_body(cursors)
+            if body is not None:
+                if len(self._answers) >= ANSWERS_KEPT:
+                    del self._answers[next(iter(self._answers))]
+                self._answers[key] = body
+        return body
+
     def _queued_body(self, cursors: dict[str, Decimal]) -> bytes | None:
-        # { id(_Message): (first cursor, data, [(channel id, cursor text), ...]) }
-        parts: dict[int, tuple[Decimal, bytes, list[tuple[str, str]]]] = {}
+        # { id(_Message): [first cursor, data, [(channel id, cursor, cursor text), ...]] }
+        parts: dict[int, list] = {}
         for channel_id, listened_from in cursors.items():
             channel = self._channels.get(channel_id)
             if channel is None or not channel.queue or channel.queue[-1][0] <= listened_from:
@@ -229,15 +246,16 @@ class MemoryChannels(ChannelState):
                     continue
                 part = parts.get(id(message))
                 if part is None:
-                    parts[id(message)] = (cursor, message.data, [(channel_id, text)])
+                    parts[id(message)] = [cursor, message.data, [(channel_id, cursor, text)]]
                 else:
-                    part[2].append((channel_id, text))
+                    part[2].append((channel_id, cursor, text))
                     if cursor < part[0]:
-                        parts[id(message)] = (cursor, part[1], part[2])
+                        part[0] = cursor
         if not parts:
             return None
         ordered = sorted(parts.values(), key=lambda part: (part[0], part[1]))
-        return render_wait_body((ids, data) for _, data, ids in ordered)
+        ordered = _within_cap(ordered, self.settings.max_answer)
+        return render_wait_body(([(c, t) for c, _, t in ids], data) for _, data, ids in ordered)
 
     # -- publishing --------------------------------------------------------
 
@@ -247,7 +265,11 @@ class MemoryChannels(ChannelState):
         fresh = None
         placed: list[tuple[str, Decimal, str]] = []
         clean_at = self._clock() + self.settings.clean_id_after
+        seen: set[str] = set()
         for channel_id, cursor, text in targets:
+            if channel_id in seen:
+                continue     # "d,d,d" is one channel, as it is for a listener
+            seen.add(channel_id)
             if cursor is None:
                 if fresh is None:
                     fresh = self._cursors.next()
@@ -262,6 +284,7 @@ class MemoryChannels(ChannelState):
         return [(channel_id, text) for channel_id, _, text in placed]
 
     def _enqueue(self, channel: _Channel, cursor: Decimal, text: str, message: _Message) -> None:
+        self._answers.clear()
         queue = channel.queue
         entry = (cursor, text, message)
         if not queue or queue[-1][0] <= cursor:
@@ -279,19 +302,22 @@ class MemoryChannels(ChannelState):
         if len(placed) == 1:
             self._wake_one_channel(*placed[0], message)
             return
+        # Costs the placed ids plus, per woken listener, its own listened
+        # ids: never listeners times placed ids.
+        where = {channel_id: (index, cursor, text)
+                 for index, (channel_id, cursor, text) in enumerate(placed)}
         # One body per distinct set of reached channels.
-        bodies: dict[tuple[str, ...], bytes] = {}
+        bodies: dict[tuple[int, ...], bytes] = {}
         for channel_id, cursor, _ in placed:
             channel = self._channels[channel_id]
             woken = [listener for listener in channel.listeners
                      if listener.cursors[channel_id] < cursor
                      and message.visible_to(listener.cursors)]
             for listener in woken:
-                reached = tuple(c for c, cur, _ in placed
-                                if c in listener.cursors and listener.cursors[c] < cur)
+                reached = _reached(where, listener.cursors)
                 body = bodies.get(reached)
                 if body is None:
-                    ids = [(c, t) for c, _, t in placed if c in reached]
+                    ids = [(placed[index][0], placed[index][2]) for index in reached]
                     body = bodies[reached] = render_wait_body_one(ids, message.data)
                 self.unlisten(listener)
                 listener.deliver(body)
@@ -348,6 +374,7 @@ class MemoryChannels(ChannelState):
             channel = self._channels.get(channel_id)
             if channel is not None:
                 channel.queue.clear()
+                self._answers.clear()
                 self._forget_if_unused(channel_id, channel)
 
     def _clean_if_idle(self, channel_ids: Iterable[str]) -> None:
@@ -359,6 +386,7 @@ class MemoryChannels(ChannelState):
             if due is not None and due <= now:
                 self._cleaning.cancel(channel_id)
                 self._channels[channel_id].queue.clear()
+                self._answers.clear()
 
     def _forget_if_unused(self, channel_id: str, channel: _Channel) -> None:
         if not channel.queue and not channel.listeners and not channel.online:
@@ -366,6 +394,7 @@ class MemoryChannels(ChannelState):
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = settings
+        self._answers.clear()
         if self._events.maxlen != settings.event_log_len:
             self._events = deque(self._events, maxlen=settings.event_log_len)
 
@@ -387,6 +416,53 @@ class MemoryChannels(ChannelState):
                          f"listeners={len(channel.listeners)} queued={len(channel.queue)} "
                          f"newest={newest}")
         return "\n".join(lines) + "\n"
+
+
+def _reached(where: dict[str, tuple[int, Decimal, str]], listened: dict[str, Decimal]) -> tuple[int, ...]:
+    """Publish-order indexes of the placed channels a listener hears this message on."""
+    reached = []
+    for channel_id, listened_from in listened.items():
+        placed = where.get(channel_id)
+        if placed is not None and listened_from < placed[1]:
+            reached.append(placed[0])
+    reached.sort()
+    return tuple(reached)
+
+
+def _within_cap(ordered: list[list], cap: int) -> list[list]:
+    """The oldest parts whose data fit in ``cap`` bytes (at least one), as a poll may take them.
+
+    The client asks next time, per channel, from the newest cursor it
+    got, so what is left out must lie, on every channel, after all that
+    is sent: a part whose cursor on some channel is beyond a left-out
+    part's cursor there is left out too. With server cursors (one clock
+    for every channel) that never happens; publishers' own cursors can
+    make it so, and if nothing is left, everything is sent.
+    """
+    size = 0
+    count = 0
+    for part in ordered:
+        size += len(part[1])
+        if count and size > cap:
+            break
+        count += 1
+    if count == len(ordered):
+        return ordered
+    kept, left = ordered[:count], ordered[count:]
+    while True:
+        first_left: dict[str, Decimal] = {}
+        for part in left:
+            for channel_id, cursor, _ in part[2]:
+                if channel_id not in first_left or cursor < first_left[channel_id]:
+                    first_left[channel_id] = cursor
+        behind = [part for part in kept
+                  if any(channel_id in first_left and cursor >= first_left[channel_id]
+                         for channel_id, cursor, _ in part[2])]
+        if not behind:
+            return kept or ordered
+        dropped = {id(part) for part in behind}
+        kept = [part for part in kept if id(part) not in dropped]
+        left += behind
 
 
 def _has_prefix(channel_id: str, prefixes: Sequence[str]) -> bool:

@@ -36,6 +36,7 @@ class Config:
     WAIT_ADDR: tuple[str, ...] = ("127.0.0.1:8088",)
     WAIT_TIMEOUT: float = 300
     WAIT_MAXLEN: int = 5120
+    WAIT_MAX_ANSWER: int = 1 << 20
     IN_ADDR: tuple[str, ...] = ("127.0.0.1:10010",)
     IN_TIMEOUT: float = 20
     IN_MAXLEN: int = 204800
@@ -79,7 +80,7 @@ RESTART_ONLY = frozenset({"WAIT_ADDR", "IN_ADDR", "SU_USER", "MAX_MEM_MB", "WAIT
 WAIT_ENGINES = ("wsgi", "lean")
 
 _NUMBER_MINIMUMS = {
-    "WAIT_TIMEOUT": 0.001, "WAIT_MAXLEN": 16, "IN_TIMEOUT": 0.001,
+    "WAIT_TIMEOUT": 0.001, "WAIT_MAXLEN": 16, "WAIT_MAX_ANSWER": 1, "IN_TIMEOUT": 0.001,
     "IN_MAXLEN": 16, "EVENT_CHAIN_LEN": 1, "OFFLINE_TIMEOUT": 0,
     "MAX_DATA_FOR_ID": 1, "CLEAN_ID_AFTER": 0.001, "JS_MAX_BOUNCES": 0,
     "JS_WAIT_RECONNECT_DELAY": 0, "MAX_MEM_MB": 0, "VERBOSITY": 0,

@@ -56,7 +56,8 @@ def channel_settings(config: Config) -> Settings:
     return Settings(max_data_for_id=config.MAX_DATA_FOR_ID,
                     clean_id_after=config.CLEAN_ID_AFTER,
                     offline_timeout=config.OFFLINE_TIMEOUT,
-                    event_log_len=event_log_len(config.EVENT_CHAIN_LEN))
+                    event_log_len=event_log_len(config.EVENT_CHAIN_LEN),
+                    max_answer=config.WAIT_MAX_ANSWER)
 
 
 def load_users(config: Config) -> Users:

@@ -293,3 +293,89 @@ def test_stats_names_channels(state):
     publish(state, "b")
     text = state.stats()
     assert "listeners: 1" in text and "[a]" in text and "[b]" in text
+
+
+# -- the answer cap -----------------------------------------------------------
+
+def fetch_all(state, cursors: dict[str, str], limit: int = 100) -> list[tuple[str, ...]]:
+    """Poll again and again with the cursors each answer gave, as a client does; every part seen."""
+    seen = []
+    for _ in range(limit):
+        body = state.listen(Recorder(**cursors))
+        if body is None:
+            return seen
+        for part in json.loads(body):
+            seen.append((part["data"], *sorted(part["ids"].items())))
+            for channel, cursor in part["ids"].items():
+                if Decimal(cursor) > Decimal(cursors[channel]):
+                    cursors[channel] = cursor
+    raise AssertionError("the polls never caught up")
+
+
+def test_an_answer_carries_at_most_max_answer_bytes_of_data_oldest_first(make_state):
+    state = make_state(max_answer=100, max_data_for_id=30)
+    for n in range(30):
+        for channel in ("a", "b"):
+            publish(state, channel, f'"{channel}{n:02d}{"x" * 17}"')   # 24 bytes of JSON each
+    first = json.loads(state.listen(Recorder(a="0", b="0")))
+    assert [part["data"][:3] for part in first] == ["a00", "b00", "a01", "b01"]
+    seen = fetch_all(state, {"a": "0", "b": "0"})
+    assert sorted(data[:3] for data, *_ in seen) == sorted(f"{c}{n:02d}" for n in range(30) for c in "ab")
+    assert len(seen) == len(set(seen)) == 60
+
+
+def test_a_message_larger_than_the_cap_still_goes_alone(make_state):
+    state = make_state(max_answer=10)
+    publish(state, "a", '"' + "x" * 50 + '"')
+    publish(state, "a", '"second"')
+    first = json.loads(state.listen(Recorder(a="0")))
+    assert [len(part["data"]) for part in first] == [50]
+
+
+def test_the_cap_never_skips_a_message_behind_a_publishers_cursor(make_state):
+    # One message at cursor 9 on a but 1 on b: sending it first alone would
+    # hand out a's cursor 9, and the poll after would miss a's message at 5.
+    state = make_state(max_answer=8)
+    publish(state, "9:a,1:b", '"ab9...."')
+    publish(state, "5:a", '"a5....."')
+    publish(state, "3:b", '"b3....."')
+    seen = fetch_all(state, {"a": "0", "b": "0"})
+    assert sorted(data for data, *_ in seen) == ["a5.....", "ab9....", "b3....."]
+    assert len(seen) == 3
+
+
+def test_duplicate_ids_in_one_publish_count_once(state):
+    listener = Recorder(d=None)
+    state.listen(listener)
+    placed = publish(state, "d,d,d", '"x"')
+    assert [channel for channel, _ in placed] == ["d"]
+    assert listener.bodies[0].count(b'"d"') == 1
+    assert len(json.loads(state.listen(Recorder(d="0")))) == 1
+
+
+def test_a_publish_to_many_ids_costs_in_proportion_to_them(make_state):
+    """A publish to N listened channels: 4 times the ids must cost about 4 times, not 16."""
+    import time
+
+    def cost(n: int) -> float:
+        best = float("inf")
+        for _ in range(3):
+            state = make_state()
+            for i in range(n):
+                state.listen(Recorder(**{f"c{i}": None}))
+            ids = ",".join(f"c{i}" for i in range(n))
+            started = time.perf_counter()
+            publish(state, ids)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    assert cost(4000) / cost(1000) < 8
+
+
+def test_identical_polls_at_the_same_moment_share_one_body(state):
+    publish(state, "a", '"x"')
+    first, second = state.listen(Recorder(a="0")), state.listen(Recorder(a="0"))
+    assert first is second
+    publish(state, "a", '"y"')
+    third = state.listen(Recorder(a="0"))
+    assert [part["data"] for part in json.loads(third)] == ["x", "y"]

@@ -664,3 +664,25 @@ def test_head_poll_gets_the_poll_headers_and_no_body_at_once(server, cid):
     assert response.headers["content-type"].startswith("text/javascript")
     assert response.body == b""
     assert server.online(cid) == {}
+
+
+def test_answers_are_capped_and_every_queued_message_arrives_exactly_once(server_factory, cid):
+    server = server_factory(WAIT_MAX_ANSWER=4000)
+    channels = [f"{cid}c{n}" for n in range(20)]
+    for n in range(30):
+        for channel in channels:
+            server.publish(channel, json.dumps(f"{channel}:{n:02d}:" + "x" * 60))
+    cursors = {channel: "0" for channel in channels}
+    seen, answers = [], 0
+    while len(seen) < 600:
+        identifier = ",".join(f"{cursor}:{channel}" for channel, cursor in cursors.items())
+        got = parts(server.poll(f"identifier={identifier}").response())
+        answers += 1
+        assert got and sum(len(json.dumps(part["data"])) for part in got) <= 4000
+        for part in got:
+            seen.append(part["data"])
+            (channel, cursor), = part["ids"].items()
+            cursors[channel] = cursor
+        assert answers < 100
+    assert sorted(seen) == sorted(f"{c}:{n:02d}:" + "x" * 60 for c in channels for n in range(30))
+    assert answers >= 600 * 80 // 4000
