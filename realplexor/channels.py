@@ -12,8 +12,10 @@ server calls :meth:`ChannelState.expire` periodically.
 from __future__ import annotations
 
 import abc
+import heapq
+import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Callable, Iterable, Protocol, Sequence
@@ -47,12 +49,19 @@ class Settings:
     offline_timeout: float = 30
     event_log_len: int = 3003
     max_answer: int = 1 << 20
+    max_queue_bytes: int = 256 << 20
 
 
 # The position of a fresh state's event log, before any event. The old
 # server's positions started here, so a watcher that passes a small
 # number such as 1 still sees every event.
 FIRST_POSITION = 10
+log = logging.getLogger("realplexor.channels")
+
+# A publisher cursor this many seconds ahead of the server's clock is logged.
+FAR_AHEAD = 86400
+# How many channels STATS lists.
+STATS_CHANNELS = 20
 # How many rendered answers to keep for identical polls (each at most WAIT_MAX_ANSWER).
 ANSWERS_KEPT = 8
 
@@ -128,31 +137,75 @@ class ChannelState(abc.ABC):
 
 
 class _Message:
-    """One publish; shared by every channel queue it went to."""
+    """One publish; shared by every channel queue it went to.
 
-    __slots__ = ("data", "limiters")
+    ``order`` counts publishes: queues drop in publish order, whatever the
+    cursors. ``queued`` is how many queues hold it; its bytes count
+    towards MAX_QUEUE_MB while one does.
+    """
 
-    def __init__(self, data: bytes, limiters: frozenset[str]):
+    __slots__ = ("data", "limiters", "order", "queued")
+
+    def __init__(self, data: bytes, limiters: frozenset[str], order: int):
         self.data = data
         self.limiters = limiters
+        self.order = order
+        self.queued = 0
 
     def visible_to(self, listened: dict[str, Decimal]) -> bool:
         return not self.limiters or any(limiter in listened for limiter in self.limiters)
 
 
 class _Channel:
-    """One channel id's queue and listeners.
+    """One channel id's queue and listeners, kept small: most channels only have listeners.
 
-    queue: [(cursor, cursor text, _Message), ...] oldest first, sorted by cursor
-    listeners: {listener: None}, a dict for O(1) add/remove in arrival order
+    queue: None, or [(cursor, cursor text, _Message), ...] sorted by cursor
+    held: None, the one listener, or {listener: None} for several (O(1)
+    add and remove, in arrival order)
     """
 
-    __slots__ = ("queue", "listeners", "online")
+    __slots__ = ("queue", "held", "online")
 
     def __init__(self) -> None:
-        self.queue: list[tuple[Decimal, str, _Message]] = []
-        self.listeners: dict[Listener, None] = {}
+        self.queue: list[tuple[Decimal, str, _Message]] | None = None
+        self.held: Listener | dict[Listener, None] | None = None
         self.online = False
+
+    def add(self, listener: Listener) -> bool:
+        """Hold ``listener``; True when it is the only one now."""
+        held = self.held
+        if held is None:
+            self.held = listener
+            return True
+        if type(held) is dict:
+            held[listener] = None
+        elif held is not listener:
+            self.held = {held: None, listener: None}
+        return False
+
+    def remove(self, listener: Listener) -> bool:
+        """Let ``listener`` go; True when it was held."""
+        held = self.held
+        if held is listener:
+            self.held = None
+            return True
+        if type(held) is dict and held.pop(listener, 0) is None:
+            if not held:
+                self.held = None
+            return True
+        return False
+
+    def listeners(self) -> Iterable[Listener]:
+        """The listeners held, oldest first."""
+        held = self.held
+        if held is None:
+            return ()
+        return held if type(held) is dict else (held,)
+
+    def count(self) -> int:
+        """How many listeners are held."""
+        held = self.held
+        return 0 if held is None else len(held) if type(held) is dict else 1
 
 
 class MemoryChannels(ChannelState):
@@ -174,6 +227,12 @@ class MemoryChannels(ChannelState):
         self._events: deque[tuple[int, str, str]] = deque(maxlen=settings.event_log_len)
         self._position = FIRST_POSITION
         self._listeners = 0
+        self._published = 0
+        # Queued bytes (each message once) and the channels with a queue,
+        # least recently published to first: MAX_QUEUE_MB drops from the front.
+        self._queued_bytes = 0
+        self._by_publish: OrderedDict[str, None] = OrderedDict()
+        self._queue_guard = QueueGuard()
         # Answers rendered from the queues as they are now, by the cursors
         # asked with: identical polls at the same moment share one body.
         self._answers: dict[tuple, bytes] = {}
@@ -196,9 +255,8 @@ class MemoryChannels(ChannelState):
             channel = self._channels.get(channel_id)
             if channel is None:
                 channel = self._channels[channel_id] = _Channel()
-            if not channel.listeners:
+            if channel.add(listener):
                 self._came_online(channel_id, channel)
-            channel.listeners[listener] = None
         self._listeners += 1
         return None
 
@@ -206,9 +264,9 @@ class MemoryChannels(ChannelState):
         registered = False
         for channel_id in listener.cursors:
             channel = self._channels.get(channel_id)
-            if channel is not None and channel.listeners.pop(listener, 0) is None:
+            if channel is not None and channel.remove(listener):
                 registered = True
-                if not channel.listeners:
+                if channel.held is None:
                     self._left(channel_id)
         if registered:
             self._listeners -= 1
@@ -261,7 +319,8 @@ class MemoryChannels(ChannelState):
 
     def publish(self, targets: Sequence[tuple[str, Decimal | None, str | None]],
                 data: bytes, limiters: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
-        message = _Message(data, limiters)
+        self._published += 1
+        message = _Message(data, limiters, self._published)
         fresh = None
         placed: list[tuple[str, Decimal, str]] = []
         clean_at = self._clock() + self.settings.clean_id_after
@@ -274,18 +333,26 @@ class MemoryChannels(ChannelState):
                 if fresh is None:
                     fresh = self._cursors.next()
                 cursor, text = fresh
+            elif cursor > self._cursors.now() + FAR_AHEAD:
+                log.warning("a publish to %s has cursor %s, more than a day ahead of the server's clock",
+                            channel_id, text)
             channel = self._channels.get(channel_id)
             if channel is None:
                 channel = self._channels[channel_id] = _Channel()
-            self._enqueue(channel, cursor, text, message)
+            self._enqueue(channel_id, channel, cursor, text, message)
             self._cleaning.set(channel_id, clean_at)
             placed.append((channel_id, cursor, text))
+        if self._queued_bytes > self.settings.max_queue_bytes:
+            self._drop_least_recent(seen)
         self._wake(placed, message)
         return [(channel_id, text) for channel_id, _, text in placed]
 
-    def _enqueue(self, channel: _Channel, cursor: Decimal, text: str, message: _Message) -> None:
+    def _enqueue(self, channel_id: str, channel: _Channel, cursor: Decimal, text: str,
+                 message: _Message) -> None:
         self._answers.clear()
         queue = channel.queue
+        if queue is None:
+            queue = channel.queue = []
         entry = (cursor, text, message)
         if not queue or queue[-1][0] <= cursor:
             queue.append(entry)
@@ -294,9 +361,46 @@ class MemoryChannels(ChannelState):
             while index and queue[index - 1][0] > cursor:
                 index -= 1
             queue.insert(index, entry)
-        overflow = len(queue) - self.settings.max_data_for_id
-        if overflow > 0:
-            del queue[:overflow]
+        self._hold(message)
+        self._by_publish[channel_id] = None
+        self._by_publish.move_to_end(channel_id)
+        if len(queue) > self.settings.max_data_for_id:
+            # The first published goes, not the lowest cursor: a publisher's
+            # cursor far ahead must not pin a channel's queue.
+            first = min(range(len(queue)), key=lambda index: queue[index][2].order)
+            self._release(queue.pop(first)[2])
+
+    def _hold(self, message: _Message) -> None:
+        if not message.queued:
+            self._queued_bytes += len(message.data)
+        message.queued += 1
+
+    def _release(self, message: _Message) -> None:
+        message.queued -= 1
+        if not message.queued:
+            self._queued_bytes -= len(message.data)
+
+    def _empty_queue(self, channel_id: str, channel: _Channel) -> None:
+        if channel.queue is not None:
+            for _, _, message in channel.queue:
+                self._release(message)
+            channel.queue = None
+            self._answers.clear()
+        self._by_publish.pop(channel_id, None)
+
+    def _drop_least_recent(self, keep: set[str]) -> None:
+        """Empty the queues least recently published to until under MAX_QUEUE_MB."""
+        dropped = 0
+        while self._queued_bytes > self.settings.max_queue_bytes and self._by_publish:
+            channel_id = next(iter(self._by_publish))
+            if channel_id in keep:
+                break     # only the publish being made is left: it stays, even over the limit
+            channel = self._channels[channel_id]
+            self._empty_queue(channel_id, channel)
+            self._cleaning.cancel(channel_id)
+            self._forget_if_unused(channel_id, channel)
+            dropped += 1
+        self._queue_guard.dropped(dropped, self._queued_bytes, self.settings.max_queue_bytes, self._clock())
 
     def _wake(self, placed: list[tuple[str, Decimal, str]], message: _Message) -> None:
         if len(placed) == 1:
@@ -310,7 +414,7 @@ class MemoryChannels(ChannelState):
         bodies: dict[tuple[int, ...], bytes] = {}
         for channel_id, cursor, _ in placed:
             channel = self._channels[channel_id]
-            woken = [listener for listener in channel.listeners
+            woken = [listener for listener in channel.listeners()
                      if listener.cursors[channel_id] < cursor
                      and message.visible_to(listener.cursors)]
             for listener in woken:
@@ -324,7 +428,7 @@ class MemoryChannels(ChannelState):
 
     def _wake_one_channel(self, channel_id: str, cursor: Decimal, text: str, message: _Message) -> None:
         # The common case, kept lean: every woken listener gets the same body.
-        listeners = self._channels[channel_id].listeners
+        listeners = self._channels[channel_id].listeners()
         if message.limiters:
             woken = [listener for listener in listeners
                      if listener.cursors[channel_id] < cursor and message.visible_to(listener.cursors)]
@@ -341,7 +445,7 @@ class MemoryChannels(ChannelState):
     # -- online and events -------------------------------------------------
 
     def online(self, prefixes: Sequence[str] = ()) -> list[tuple[str, int]]:
-        return sorted((channel_id, len(channel.listeners))
+        return sorted((channel_id, channel.count())
                       for channel_id, channel in self._channels.items()
                       if channel.online and _has_prefix(channel_id, prefixes))
 
@@ -373,8 +477,7 @@ class MemoryChannels(ChannelState):
         for channel_id in self._cleaning.pop_due(now):
             channel = self._channels.get(channel_id)
             if channel is not None:
-                channel.queue.clear()
-                self._answers.clear()
+                self._empty_queue(channel_id, channel)
                 self._forget_if_unused(channel_id, channel)
 
     def _clean_if_idle(self, channel_ids: Iterable[str]) -> None:
@@ -385,11 +488,10 @@ class MemoryChannels(ChannelState):
             due = self._cleaning.get(channel_id)
             if due is not None and due <= now:
                 self._cleaning.cancel(channel_id)
-                self._channels[channel_id].queue.clear()
-                self._answers.clear()
+                self._empty_queue(channel_id, self._channels[channel_id])
 
     def _forget_if_unused(self, channel_id: str, channel: _Channel) -> None:
-        if not channel.queue and not channel.listeners and not channel.online:
+        if channel.queue is None and channel.held is None and not channel.online:
             del self._channels[channel_id]
 
     def reconfigure(self, settings: Settings) -> None:
@@ -404,18 +506,47 @@ class MemoryChannels(ChannelState):
         return self._listeners
 
     def stats(self) -> str:
+        channels = self._channels.values()
         lines = [f"channels: {len(self._channels)}",
                  f"listeners: {self._listeners}",
-                 f"online: {sum(1 for c in self._channels.values() if c.online)}",
+                 f"online: {sum(1 for c in channels if c.online)}",
                  f"going offline: {len(self._going_offline)}",
-                 f"event position: {self._position}", ""]
-        for channel_id in sorted(self._channels):
-            channel = self._channels[channel_id]
+                 f"event position: {self._position}",
+                 f"queued bytes: {self._queued_bytes} (MAX_QUEUE_MB {self.settings.max_queue_bytes / (1 << 20):g})",
+                 f"queues dropped over MAX_QUEUE_MB: {self._queue_guard.total}",
+                 "", f"largest channels (at most {STATS_CHANNELS}, by listeners, then queued):"]
+        largest = heapq.nlargest(STATS_CHANNELS, self._channels.items(),
+                                 key=lambda item: (item[1].count(), len(item[1].queue or ())))
+        for channel_id, channel in largest:
             newest = channel.queue[-1][1] if channel.queue else "-"
             lines.append(f"[{channel_id}] online={'yes' if channel.online else 'no'} "
-                         f"listeners={len(channel.listeners)} queued={len(channel.queue)} "
+                         f"listeners={channel.count()} queued={len(channel.queue or ())} "
                          f"newest={newest}")
         return "\n".join(lines) + "\n"
+
+
+class QueueGuard:
+    """Counts queues dropped over MAX_QUEUE_MB and logs one line per episode.
+
+    An episode ends when no queue has been dropped for EPISODE_GAP seconds.
+    """
+
+    EPISODE_GAP = 60.0
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._last: float | None = None
+
+    def dropped(self, count: int, queued: int, limit: int, now: float) -> None:
+        """Note ``count`` queues dropped at ``now``, leaving ``queued`` bytes."""
+        if not count:
+            return
+        self.total += count
+        if self._last is None or now - self._last > self.EPISODE_GAP:
+            log.warning("queued messages passed MAX_QUEUE_MB (%g MB): dropping the queues of the "
+                        "channels least recently published to (%d now, %d bytes left); "
+                        "STATS counts them", limit / (1 << 20), count, queued)
+        self._last = now
 
 
 def _reached(where: dict[str, tuple[int, Decimal, str]], listened: dict[str, Decimal]) -> tuple[int, ...]:

@@ -57,6 +57,7 @@ class Config:
     JS_DEBUG: bool = False
     VERBOSITY: int = 1
     MAX_MEM_MB: int = 0
+    MAX_QUEUE_MB: float = 256
     SU_USER: str = ""
     CORS_ORIGINS: tuple[str, ...] = ("*",)
     WAIT_ENGINE: str = "wsgi"
@@ -83,7 +84,7 @@ _NUMBER_MINIMUMS = {
     "WAIT_TIMEOUT": 0.001, "WAIT_MAXLEN": 16, "WAIT_MAX_ANSWER": 1, "IN_TIMEOUT": 0.001,
     "IN_MAXLEN": 16, "EVENT_CHAIN_LEN": 1, "OFFLINE_TIMEOUT": 0,
     "MAX_DATA_FOR_ID": 1, "CLEAN_ID_AFTER": 0.001, "JS_MAX_BOUNCES": 0,
-    "JS_WAIT_RECONNECT_DELAY": 0, "MAX_MEM_MB": 0, "VERBOSITY": 0,
+    "JS_WAIT_RECONNECT_DELAY": 0, "MAX_MEM_MB": 0, "VERBOSITY": 0, "MAX_QUEUE_MB": 0.001,
 }
 _WORD_OPTIONS = ("IFRAME_ID", "SCRIPT_ID", "IDENTIFIER")
 _URI_RE = re.compile(r"[A-Za-z0-9/._~%:+-]+\Z")

@@ -57,7 +57,8 @@ def channel_settings(config: Config) -> Settings:
                     clean_id_after=config.CLEAN_ID_AFTER,
                     offline_timeout=config.OFFLINE_TIMEOUT,
                     event_log_len=event_log_len(config.EVENT_CHAIN_LEN),
-                    max_answer=config.WAIT_MAX_ANSWER)
+                    max_answer=config.WAIT_MAX_ANSWER,
+                    max_queue_bytes=int(config.MAX_QUEUE_MB * (1 << 20)))
 
 
 def load_users(config: Config) -> Users:

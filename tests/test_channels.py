@@ -379,3 +379,64 @@ def test_identical_polls_at_the_same_moment_share_one_body(state):
     publish(state, "a", '"y"')
     third = state.listen(Recorder(a="0"))
     assert [part["data"] for part in json.loads(third)] == ["x", "y"]
+
+
+# -- memory bounds ------------------------------------------------------------
+
+def queued_bytes(state) -> int:
+    line = next(line for line in state.stats().splitlines() if line.startswith("queued bytes:"))
+    return int(line.split()[2])
+
+
+def test_queues_least_recently_published_to_are_dropped_past_max_queue_bytes(make_state, caplog):
+    state = make_state(max_queue_bytes=1000)
+    data = '"' + "x" * 98 + '"'          # 100 bytes
+    for n in range(8):
+        publish(state, f"c{n}", data)
+    publish(state, "c0", data)            # c0 is now the most recently published to
+    with caplog.at_level("WARNING", "realplexor.channels"):
+        for n in range(8, 14):
+            publish(state, f"c{n}", data)
+    assert queued_bytes(state) <= 1000
+    still = [n for n in range(14) if state.listen(Recorder(**{f"c{n}": "0"})) is not None]
+    assert still == [0, 6, 7, 8, 9, 10, 11, 12, 13]   # c0 holds two messages
+    assert "queues dropped over MAX_QUEUE_MB: 5" in state.stats()
+    assert len([r for r in caplog.records if "MAX_QUEUE_MB" in r.getMessage()]) == 1
+
+
+def test_a_message_in_several_queues_counts_once(make_state):
+    state = make_state()
+    publish(state, "a,b,c", '"' + "x" * 98 + '"')
+    assert queued_bytes(state) == 100
+
+
+def test_queues_drop_in_publish_order_not_cursor_order(make_state, caplog):
+    state = make_state(max_data_for_id=3)
+    with caplog.at_level("WARNING", "realplexor.channels"):
+        publish(state, "9999999999999:a", '"far ahead"')
+    assert "more than a day ahead" in caplog.text
+    for n in range(3):
+        publish(state, "a", f'"{n}"')
+    assert [part["data"] for part in json.loads(state.listen(Recorder(a="0")))] == ["0", "1", "2"]
+
+
+def test_stats_is_a_bounded_summary(state):
+    for n in range(100):
+        state.listen(Recorder(**{f"c{n:03d}": None}))
+    state.listen(Recorder(c050=None))
+    lines = state.stats().splitlines()
+    channel_lines = [line for line in lines if line.startswith("[")]
+    assert len(channel_lines) == 20
+    assert channel_lines[0].startswith("[c050] ") and "listeners=2" in channel_lines[0]
+    assert "channels: 100" in lines
+
+
+def test_a_channel_with_listeners_only_is_forgotten_when_they_are_gone(state, clock):
+    listeners = [Recorder(**{f"c{n}": None}) for n in range(50)]
+    for listener in listeners:
+        state.listen(listener)
+    for listener in listeners:
+        state.unlisten(listener)
+    clock.now += 31
+    state.expire()
+    assert "channels: 0" in state.stats()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import signal
 import socket
 import time
@@ -401,3 +402,17 @@ def test_a_fresh_servers_positions_start_at_10_and_keep_three_chains(server_fact
     listed = [(line.split()[0], int(line.split()[1].split(":")[0]), line.split(":")[1]) for line in lines]
     assert listed[-12:] == [("online", 11 + n, channels[n]) for n in range(8, 20)]
     assert [pos for _, pos, _ in listed] == sorted(pos for _, pos, _ in listed)
+
+
+def test_queued_data_past_max_queue_mb_drops_the_least_recently_published_channels(server_factory, cid):
+    server = server_factory(MAX_QUEUE_MB=0.01)        # 10485 bytes
+    data = json.dumps("x" * 998)                        # 1000 bytes
+    for n in range(30):
+        server.publish(f"{cid}c{n}", data)
+    stats = server.command("STATS").text
+    queued = int(re.search(r"queued bytes: (\d+)", stats).group(1))
+    assert queued <= 10485 and "queues dropped over MAX_QUEUE_MB: 20" in stats
+    old = server.poll(f"identifier=0:{cid}c0")
+    assert not old.has_ended(0.3)
+    assert json.loads(server.get(f"identifier=0:{cid}c29").body[3:])[0]["data"] == "x" * 998
+    assert len(re.findall("passed MAX_QUEUE_MB", server.output.text())) == 1
