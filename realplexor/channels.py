@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Callable, Iterable, Protocol, Sequence
 
+from sortedcontainers import SortedList
+
 from .cursors import CursorClock
 from .deadlines import Deadlines
 from .protocol import render_wait_body, render_wait_body_one
@@ -233,6 +235,8 @@ class MemoryChannels(ChannelState):
         self._queued_bytes = 0
         self._by_publish: OrderedDict[str, None] = OrderedDict()
         self._queue_guard = QueueGuard()
+        # Online channel ids, sorted: ONLINE reads a prefix's range, not every channel.
+        self._online_ids = SortedList()
         # Answers rendered from the queues as they are now, by the cursors
         # asked with: identical polls at the same moment share one body.
         self._answers: dict[tuple, bytes] = {}
@@ -274,6 +278,7 @@ class MemoryChannels(ChannelState):
     def _came_online(self, channel_id: str, channel: _Channel) -> None:
         if not self._going_offline.cancel(channel_id) and not channel.online:
             channel.online = True
+            self._online_ids.add(channel_id)
             self._log("online", channel_id)
 
     def _left(self, channel_id: str) -> None:
@@ -445,9 +450,21 @@ class MemoryChannels(ChannelState):
     # -- online and events -------------------------------------------------
 
     def online(self, prefixes: Sequence[str] = ()) -> list[tuple[str, int]]:
-        return sorted((channel_id, channel.count())
-                      for channel_id, channel in self._channels.items()
-                      if channel.online and _has_prefix(channel_id, prefixes))
+        channels = self._channels
+        return [(channel_id, channels[channel_id].count()) for channel_id in self._online_in(prefixes)]
+
+    def _online_in(self, prefixes: Sequence[str]) -> Iterable[str]:
+        """Online ids under any of ``prefixes`` (all without), in order, each once."""
+        if not prefixes:
+            return self._online_ids
+        ranges = []
+        for prefix in sorted(set(prefixes)):
+            if ranges and prefix.startswith(ranges[-1]):
+                continue     # inside the range of a shorter prefix already taken
+            ranges.append(prefix)
+        # Channel ids are ASCII letters, digits and _, all below "\x7f".
+        return [channel_id for prefix in ranges
+                for channel_id in self._online_ids.irange(prefix, prefix + "\x7f")]
 
     def watch(self, after: int, prefixes: Sequence[str] = ()) -> list[tuple[str, int, str]]:
         latest: dict[str, tuple[str, int]] = {}
@@ -472,6 +489,7 @@ class MemoryChannels(ChannelState):
             channel = self._channels.get(channel_id)
             if channel is not None and channel.online:
                 channel.online = False
+                self._online_ids.remove(channel_id)
                 self._log("offline", channel_id)
                 self._forget_if_unused(channel_id, channel)
         for channel_id in self._cleaning.pop_due(now):
@@ -506,10 +524,9 @@ class MemoryChannels(ChannelState):
         return self._listeners
 
     def stats(self) -> str:
-        channels = self._channels.values()
         lines = [f"channels: {len(self._channels)}",
                  f"listeners: {self._listeners}",
-                 f"online: {sum(1 for c in channels if c.online)}",
+                 f"online: {len(self._online_ids)}",
                  f"going offline: {len(self._going_offline)}",
                  f"event position: {self._position}",
                  f"queued bytes: {self._queued_bytes} (MAX_QUEUE_MB {self.settings.max_queue_bytes / (1 << 20):g})",

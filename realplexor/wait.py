@@ -61,6 +61,10 @@ class WaitLine:
             return error_reply(error, cors)
         if request.page is not None:
             return self._page(method, header, request.page, cors)
+        if len(request.identifier.items) > self.config.WAIT_MAX_IDS:
+            return error_reply(ProtocolError(
+                413, f"{len(request.identifier.items)} ids in one poll; at most WAIT_MAX_IDS "
+                     f"({self.config.WAIT_MAX_IDS})"), cors)
         if method == "HEAD":
             # A poll's headers and no body: a HEAD request can never get a message.
             return Reply(_STATUS[200], (*self._poll_headers, *cors, ("Connection", "close")))

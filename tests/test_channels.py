@@ -440,3 +440,27 @@ def test_a_channel_with_listeners_only_is_forgotten_when_they_are_gone(state, cl
     clock.now += 31
     state.expire()
     assert "channels: 0" in state.stats()
+
+
+def test_online_prefixes_may_overlap_and_repeat(state):
+    state.listen(Recorder(ab=None, abc=None, b=None, ba=None, c=None))
+    assert state.online(["ab", "a", "b", "a"]) == [("ab", 1), ("abc", 1), ("b", 1), ("ba", 1)]
+    assert state.online(["abc", "zz"]) == [("abc", 1)]
+
+
+def test_online_with_many_prefixes_does_not_scan_every_channel(make_state):
+    """ONLINE for 1000 prefixes costs about the same among 4000 or 64000 online channels."""
+    import time
+
+    def cost(channels: int) -> float:
+        state = make_state()
+        state.listen(Recorder(**{f"c{n}": None for n in range(channels)}))
+        prefixes = [f"c{n}x" for n in range(1000)]
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            state.online(prefixes)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    assert cost(64000) / cost(4000) < 4

@@ -686,3 +686,13 @@ def test_answers_are_capped_and_every_queued_message_arrives_exactly_once(server
         assert answers < 100
     assert sorted(seen) == sorted(f"{c}:{n:02d}:" + "x" * 60 for c in channels for n in range(30))
     assert answers >= 600 * 80 // 4000
+
+
+def test_a_poll_of_more_than_wait_max_ids_is_a_413(server_factory, cid):
+    server = server_factory(WAIT_MAX_IDS=50)
+    many = server.get("identifier=" + ",".join(f"{cid}{n}" for n in range(51)))
+    assert many.status == 413 and b"51 ids in one poll; at most WAIT_MAX_IDS (50)" in many.body
+    assert server.online(cid) == {}
+    fifty = server.listen(",".join(f"{cid}{n}" for n in range(50)))
+    assert len(server.online(cid)) == 50
+    fifty.close()
