@@ -57,15 +57,33 @@ class Users:
             return cls(fh.read())
 
     def authenticate(self, login: str | None, password: str | None) -> Principal:
-        """The principal for these credentials, or ProtocolError 403 with the reason."""
+        """The principal for these credentials, or ProtocolError 403 with the reason.
+
+        May check a password hash: milliseconds of CPU for bcrypt. A server
+        calls :meth:`known` first and :meth:`check` off its event loop.
+        """
+        principal = self.known(login, password)
+        return principal if principal is not None else self.check(login, password)
+
+    def known(self, login: str | None, password: str | None) -> Principal | None:
+        """The principal when no hash needs checking (a guest, credentials already checked).
+
+        None when the password must be checked against its hash; a guest
+        without an anonymous entry, or an unknown login, is a ProtocolError 403.
+        """
         if login is None:
             if not self.anonymous:
                 raise ProtocolError(403, "access denied for guest user")
             return GUEST
-        key = (login, hashlib.sha256((password or "").encode("utf-8")).digest())
-        principal = self._verified.get(key)
+        principal = self._verified.get(_key(login, password))
         if principal is not None:
             return principal
+        if self._file is None or self._file.get_hash(login) is None:
+            raise ProtocolError(403, f"unknown login: {login}")
+        return None
+
+    def check(self, login: str, password: str | None) -> Principal:
+        """Check the password against the login's hash (slow; safe in a worker thread)."""
         try:
             found = self._file.check_password(login, password or "") if self._file else None
         except ValueError:
@@ -77,5 +95,9 @@ class Users:
             raise ProtocolError(403, f"invalid password for login: {login}")
         if len(self._verified) >= VERIFIED_CACHE_SIZE:
             self._verified.clear()
-        principal = self._verified[key] = Principal(login)
+        principal = self._verified[_key(login, password)] = Principal(login)
         return principal
+
+
+def _key(login: str, password: str | None) -> tuple[str, bytes]:
+    return login, hashlib.sha256((password or "").encode("utf-8")).digest()

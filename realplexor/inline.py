@@ -14,6 +14,7 @@ import time
 from typing import Sequence
 
 import gevent
+from gevent.threadpool import ThreadPool
 
 from .auth import Principal, Users
 from .channels import ChannelState
@@ -28,6 +29,10 @@ from .protocol import (MAX_NUMBER_DIGITS, InRequest, InRequestBuffer, ProtocolEr
 log = logging.getLogger("realplexor.inline")
 
 RECV_SIZE = 65536
+# Password hashes are checked in these many threads (bcrypt leaves the
+# GIL); more checks wait their turn, up to MAX_WAITING_CHECKS, then 503.
+PASSWORD_CHECK_THREADS = 2
+MAX_WAITING_CHECKS = 64
 SWEEP_INTERVAL = 0.25
 _OK = render_in_reply(200)
 
@@ -37,6 +42,8 @@ class InLine:
 
     def __init__(self, config: Config, state: ChannelState, users: Users):
         self.state = state
+        self._pool: ThreadPool | None = None
+        self._checks_waiting = 0
         self.reconfigure(config, users)
 
     def reconfigure(self, config: Config, users: Users) -> None:
@@ -44,11 +51,44 @@ class InLine:
         self.config = config
         self.users = users
 
-    def serve(self, request: InRequest, address: object = "-") -> bytes:
-        """Authenticate and carry out one parsed request; the reply bytes."""
+    def serve(self, request: InRequest, address: object = "-") -> bytes | None:
+        """Authenticate and carry out one parsed request; the reply bytes.
+
+        None when a password must first be checked against its hash, which
+        takes milliseconds of CPU: call :meth:`serve_after_check` from a
+        greenlet, so the event loop serves others meanwhile.
+        """
         try:
-            principal = self.users.authenticate(request.identifier.login,
-                                                request.identifier.password)
+            principal = self.users.known(request.identifier.login, request.identifier.password)
+        except ProtocolError as error:
+            return self._refused(error, address)
+        if principal is None:
+            return None
+        return self._serve_as(principal, request, address)
+
+    def serve_after_check(self, request: InRequest, address: object = "-") -> bytes:
+        """Check the request's password in a worker thread, then serve it (blocks the greenlet)."""
+        if self._checks_waiting >= MAX_WAITING_CHECKS:
+            return self._refused(ProtocolError(
+                503, "too many password checks waiting; try again shortly"), address)
+        self._checks_waiting += 1
+        try:
+            principal = self._check_pool().apply(
+                self.users.check, (request.identifier.login, request.identifier.password))
+        except ProtocolError as error:
+            return self._refused(error, address)
+        finally:
+            self._checks_waiting -= 1
+        return self._serve_as(principal, request, address)
+
+    def _check_pool(self) -> ThreadPool:
+        # Made on first use, in the process that serves (gunicorn forks after import).
+        if self._pool is None:
+            self._pool = ThreadPool(PASSWORD_CHECK_THREADS)
+        return self._pool
+
+    def _serve_as(self, principal: Principal, request: InRequest, address: object) -> bytes:
+        try:
             if request.command is None:
                 return self._publish(principal, request, address)
             log.log(VERBOSE, "IN %s: %s %s", _peer(address), request.command, " ".join(request.args))
@@ -58,8 +98,12 @@ class InLine:
                 return self._watch(principal, request.args)
             return self._stats(principal)
         except ProtocolError as error:
-            log.info("IN %s: %s %s", _peer(address), error.status, error.reason)
-            return render_error(error)
+            return self._refused(error, address)
+
+    @staticmethod
+    def _refused(error: ProtocolError, address: object) -> bytes:
+        log.info("IN %s: %s %s", _peer(address), error.status, error.reason)
+        return render_error(error)
 
     def _publish(self, principal: Principal, request: InRequest, address: object) -> bytes:
         targets = request.identifier.targets
@@ -186,7 +230,18 @@ class InServer:
                 conn.buf.add(chunk)
             self._wait_for_more(conn)
             return
-        self._answer(conn, self.line.serve(request, conn.address), eof, early=False)
+        reply = self.line.serve(request, conn.address)
+        if reply is None:
+            self._answer_after_check(conn, request, eof)
+        else:
+            self._answer(conn, reply, eof, early=False)
+
+    def _answer_after_check(self, conn: _Connection, request: InRequest, eof: bool) -> None:
+        if conn.watcher is not None:
+            self._reading.cancel(conn)
+            conn.watcher.stop()
+        gevent.spawn(lambda: self._answer(conn, self.line.serve_after_check(request, conn.address),
+                                          eof, early=False))
 
     def _wait_for_more(self, conn: _Connection) -> None:
         if conn.watcher is None:

@@ -324,7 +324,7 @@ def render_wait_body_one(ids: Sequence[tuple[str, str]], data: bytes) -> bytes:
 
 _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
             408: "Request Timeout", 413: "Payload Too Large",
-            500: "Internal Server Error"}
+            500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 def render_in_reply(status: int, body: str = "") -> bytes:

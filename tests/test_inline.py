@@ -7,11 +7,12 @@ import json
 import re
 import signal
 import socket
+import threading
 import time
 
 import pytest
 
-from conftest import parse_response, read_to_eof
+from conftest import TIMEOUT, parse_response, read_to_eof
 
 USERS = """\
 bob:$2y$05$KxGwGY8qwZGoK7BTXhDjPON/DUwMBHOcxpLnNCb//pX7wtf7jeJ8i
@@ -416,3 +417,29 @@ def test_queued_data_past_max_queue_mb_drops_the_least_recently_published_channe
     assert not old.has_ended(0.3)
     assert json.loads(server.get(f"identifier=0:{cid}c29").body[3:])[0]["data"] == "x" * 998
     assert len(re.findall("passed MAX_QUEUE_MB", server.output.text())) == 1
+
+
+def test_password_checks_leave_the_event_loop_serving_others(server_factory, tmp_path, cid):
+    from conftest import write_users_file
+
+    users = write_users_file(tmp_path / "users.htpasswd", {"slow": "right"}, anonymous=True)
+    assert "$12$" in users.read_text()        # a cost-12 bcrypt hash: a check takes a while
+    server = server_factory(USERS_FILE=str(users))
+    finished: list[str] = []
+
+    def wrong_password(n: int) -> None:
+        reply = server.in_http(f"slow:wrong{n}@slow_a", '"x"')
+        finished.append(f"wrong {reply.status}")
+
+    hammering = [threading.Thread(target=wrong_password, args=(n,)) for n in range(4)]
+    for thread in hammering:
+        thread.start()
+    server.wait_until(lambda: "SENT" if all(t.is_alive() for t in hammering) else None, timeout=5)
+    reply = server.in_http("", "ONLINE\n")
+    finished.append(f"guest {reply.status}")
+    for thread in hammering:
+        thread.join(TIMEOUT)
+    # The guest's command is answered while the four checks still run.
+    assert finished[0] == "guest 200"
+    assert sorted(finished[1:]) == ["wrong 403"] * 4
+    assert server.in_http("slow:right@slow_a", '"x"').status == 200
