@@ -8,7 +8,10 @@ import sys
 from . import __version__
 from .config import ConfigError, load_config
 from .lifecycle import Daemon, Restart, Supervisor, configure_logging
+from .migration import convert
 from .server import Realplexor, StartError
+
+CONVERT_CONFIG = "convert-config"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="realplexor",
         description="Realplexor: a Comet (server push) server. "
-                    "Browsers long-poll the WAIT line; back ends publish on the IN line.")
+                    "Browsers long-poll the WAIT line; back ends publish on the IN line.",
+        epilog=f"{CONVERT_CONFIG} OLD.conf [OVERRIDE.conf ...]: print the old daemon's Perl "
+               f"configuration as TOML (realplexor {CONVERT_CONFIG} --help).")
     parser.add_argument("--config", metavar="FILE",
                         help="TOML configuration file (default: built-in defaults)")
     parser.add_argument("--pidfile", metavar="PATH",
@@ -25,6 +30,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="validate the configuration and the files it names, then exit")
     parser.add_argument("--version", action="version", version=f"realplexor {__version__}")
     return parser
+
+
+def build_convert_parser() -> argparse.ArgumentParser:
+    """The options of ``realplexor convert-config``."""
+    parser = argparse.ArgumentParser(
+        prog=f"realplexor {CONVERT_CONFIG}",
+        description="Print the old daemon's Perl configuration as this server's TOML on stdout. "
+                    "A setting with no equivalent here becomes a comment line saying why; "
+                    "anything not understood is refused with its line. No Perl is run.")
+    parser.add_argument("files", nargs="+", metavar="OLD.conf",
+                        help="the old main file (dklab_realplexor.conf), then override files; "
+                             "later files win, as in the old daemon")
+    return parser
+
+
+def convert_config(argv: list[str]) -> int:
+    """Print the TOML for the old files named in ``argv``; 1 with one line on failure."""
+    args = build_convert_parser().parse_args(argv)
+    try:
+        sources = [(path, _read_old_file(path)) for path in args.files]
+        toml = convert(sources)
+    except ConfigError as exc:
+        print(f"realplexor: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(toml)
+    return 0
+
+
+def _read_old_file(path: str) -> str:
+    # Old files may hold comments in any 8-bit charset; only strings must be UTF-8.
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def check_config(path: str | None) -> int:
@@ -38,6 +78,8 @@ def check_config(path: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the server; the exit status (1 with one clear line on failure)."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [CONVERT_CONFIG]:
+        return convert_config(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.check_config:

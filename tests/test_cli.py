@@ -121,3 +121,95 @@ def test_version():
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"realplexor {__version__}"
+
+
+OLD_MAIN = """\
+##
+## Default configuration file. Do not modify it!
+##
+%CONFIG = (
+    # After starting and opening ports, switch to this user and his group.
+    SU_USER => "nobody",
+    WAIT_TIMEOUT => 300,
+    WAIT_MAXLEN => 1024 * 5,
+    WAIT_ADDR => [
+        '0.0.0.0:8088',
+    ],
+    IN_MAXLEN => 1024 * 200,
+    IN_ADDR => [ '127.0.0.1:10010' ],
+    ID_BINDINGS_SERVERS => [ '127.0.0.1:11211' ],
+    HOOK_CHECK_VISIBILITY => undef,
+    MAX_DATA_FOR_ID => 30,
+    USERS_FILE => "dklab_realplexor.htpasswd",
+    IFRAME_FILE => "dklab_realplexor.html",
+    SCRIPT_FILE => "dklab_realplexor.js",
+    JS_DEBUG => 1,
+    VERBOSITY => 3,
+);
+
+return 1;
+"""
+# The site's override: free ports, and no user switch (the tests may run as root).
+OLD_OVERRIDE = """\
+$CONFIG{WAIT_ADDR} = [ "127.0.0.1:0" ];
+$CONFIG{IN_ADDR} = [ '127.0.0.1:0' ];   # back ends on this host only
+$CONFIG{SU_USER} = undef;
+$CONFIG{MAX_DATA_FOR_ID} = 2;
+$CONFIG{VERBOSITY} = 1;
+"""
+
+
+def test_convert_config_output_runs_a_server(tmp_path, cid):
+    (tmp_path / "dklab_realplexor.conf").write_text(OLD_MAIN)
+    (tmp_path / "local.conf").write_text(OLD_OVERRIDE)
+    result = subprocess.run([sys.executable, "-m", "realplexor", "convert-config",
+                             "dklab_realplexor.conf", "local.conf"],
+                            capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "# ID_BINDINGS_SERVERS = " in result.stdout
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "realplexor.toml").write_text(result.stdout)
+    # USERS_FILE stays relative, now to the TOML's folder: the old default file moves there.
+    (site / "dklab_realplexor.htpasswd").write_text(":\n")
+    server = start_server(site / "realplexor.toml")
+    try:
+        poll = server.listen(f"{cid}a")
+        server.publish(f"{cid}a", '"converted"')
+        assert json.loads(poll.response().body[3:])[0]["data"] == "converted"
+        for n in range(3):
+            server.publish(f"{cid}b", str(n))
+        assert [p["data"] for p in json.loads(server.get(f"identifier=0:{cid}b").body[3:])] == [1, 2]
+        script = server.get("identifier=SCRIPT")
+        assert script.status == 200 and b"Dklab_Realplexor" in script.body
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("%CONFIG = (\n  USERS_FILE => $ENV{HOME} . '/users',\n);\n",
+     "old.conf line 2: the variable `$ENV` is not understood"),
+    ("$CONFIG{WAIT_TIMEOUT} = 'soon';\n", "old.conf line 1: option WAIT_TIMEOUT must be a number"),
+])
+def test_convert_config_refusal_is_one_line_and_status_1(tmp_path, text, message):
+    (tmp_path / "old.conf").write_text(text)
+    result = subprocess.run([sys.executable, "-m", "realplexor", "convert-config", "old.conf"],
+                            capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"realplexor: {message}")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_convert_config_missing_file(tmp_path):
+    result = run_cli("convert-config", str(tmp_path / "nope.conf"))
+    assert result.returncode == 1
+    assert result.stderr == f"realplexor: cannot read {tmp_path / 'nope.conf'}: No such file or directory\n"
+
+
+def test_convert_config_needs_a_file_and_has_help():
+    assert run_cli("convert-config").returncode == 2
+    helped = run_cli("convert-config", "--help")
+    assert helped.returncode == 0 and "OLD.conf" in helped.stdout
+    assert "convert-config" in run_cli("--help").stdout

@@ -1,7 +1,10 @@
 """Configuration: defaults, TOML loading, validation with clear errors."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +94,22 @@ def test_substitutions_render_every_option():
     values = Config().substitutions()
     assert values["WAIT_TIMEOUT"] == "300" and values["JS_DEBUG"] == "false"
     assert values["JS_WAIT_RECONNECT_DELAY"] == "0.01" and values["WAIT_ADDR"] == "127.0.0.1:8088"
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "contrib" / "realplexor.toml"
+# Their defaults are files inside the installed package, so the example
+# names them in comments only: an uncommented line would need the file.
+PACKAGED_FILE_OPTIONS = {"USERS_FILE", "IFRAME_FILE", "SCRIPT_FILE"}
+
+
+def test_example_file_names_every_option_with_its_default():
+    lines = EXAMPLE.read_text().splitlines()
+    set_here = {m.group(1) for m in map(re.compile(r"([A-Z_]+) = ").match, lines) if m}
+    commented = {m.group(1) for m in map(re.compile(r"# ([A-Z_]+) = ").match, lines) if m}
+    names = {f.name for f in dataclasses.fields(Config)}
+    assert set_here == names - PACKAGED_FILE_OPTIONS
+    assert commented == PACKAGED_FILE_OPTIONS
+    for number, line in enumerate(lines):
+        if re.match(r"(# )?[A-Z_]+ = ", line):
+            assert lines[number - 1].startswith("# ") and not re.match(r"# [A-Z_]+ = ", lines[number - 1]), line
+    assert load_config(str(EXAMPLE)) == Config()
