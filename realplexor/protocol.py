@@ -290,14 +290,21 @@ def _complete_body(head: bytes, body: bytes, eof: bool) -> bytes | None:
     return None
 
 
+def _ignore(_text: str) -> None:
+    return None
+
+
 def _checked_data(data: bytes) -> bytes:
     """``data`` (stripped) if it is UTF-8 JSON, else ProtocolError."""
     if not data:
         raise ProtocolError(400, "no data to publish and no command (ONLINE, WATCH, STATS)")
     try:
-        simplejson.loads(bytes(data).decode("utf-8"))
+        # Numbers are only checked, never converted: a long one is valid JSON.
+        simplejson.loads(bytes(data).decode("utf-8"), parse_int=_ignore, parse_float=_ignore)
     except UnicodeDecodeError:
         raise ProtocolError(400, "data is not valid UTF-8; nothing published") from None
+    except RecursionError:
+        raise ProtocolError(400, "data nests arrays or objects too deeply to check; nothing published") from None
     except simplejson.JSONDecodeError as exc:
         word = _COMMAND_WORD_RE.match(data)
         if word:

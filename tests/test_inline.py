@@ -443,3 +443,26 @@ def test_password_checks_leave_the_event_loop_serving_others(server_factory, tmp
     assert finished[0] == "guest 200"
     assert sorted(finished[1:]) == ["wrong 403"] * 4
     assert server.in_http("slow:right@slow_a", '"x"').status == 200
+
+
+def test_a_long_number_is_valid_json_and_published(server, cid):
+    poll = server.listen(f"{cid}a")
+    assert server.in_http(f"{cid}a", "1" * 5000).status == 200
+    assert poll.response().body.endswith(b'"data":' + b"1" * 5000 + b"}]")
+
+
+@pytest.mark.parametrize("pieces", [1, 2], ids=["whole", "in-two-packets"])
+def test_json_nested_too_deep_is_a_400_at_once(server, cid, pieces):
+    body = b"[" * 100_000 + b"]" * 100_000
+    head = (f"POST / HTTP/1.1\r\nContent-Length: {len(body)}\r\n"
+            f"X-Realplexor: identifier={cid}a\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.in_port), timeout=TIMEOUT) as sock:
+        if pieces == 2:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(head + body[:1000])
+            sock.sendall(body[1000:])
+        else:
+            sock.sendall(head + body)
+        reply = parse_response(read_to_eof(sock, timeout=5))
+    assert reply.status == 400 and b"too deeply" in reply.body
+    assert "Traceback" not in server.output.text()
