@@ -111,14 +111,16 @@ class InLine:
             raise ProtocolError(400, "no channel ids to publish to")
         allowed = [(item.id, item.cursor, item.cursor_text)
                    for item in targets if principal.may_touch(item.id)]
+        if not allowed:
+            raise ProtocolError(403, f"login {principal.login} may publish only to ids starting with "
+                                     f"{principal.prefix}; nothing published")
         if len(allowed) < len(targets):
             log.info("IN %s: login %s may not publish to %s; skipped", _peer(address), principal.login,
                      ",".join(item.id for item in targets if not principal.may_touch(item.id)))
-        if allowed:
-            placed = self.state.publish(allowed, request.data, request.identifier.limiters)
-            if log.isEnabledFor(VERBOSE):
-                log.log(VERBOSE, "IN %s: published %d bytes to %s", _peer(address), len(request.data),
-                        ",".join(f"{c}@{t}" for c, t in placed))
+        placed = self.state.publish(allowed, request.data, request.identifier.limiters)
+        if log.isEnabledFor(VERBOSE):
+            log.log(VERBOSE, "IN %s: published %d bytes to %s", _peer(address), len(request.data),
+                    ",".join(f"{c}@{t}" for c, t in placed))
         return _OK
 
     def _online(self, principal: Principal, args: Sequence[str]) -> bytes:

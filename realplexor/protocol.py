@@ -22,6 +22,7 @@ _ITEM_RE = re.compile(r"(\*)?(?:(\d+(?:\.\d+)?):)?([A-Za-z0-9_]+)\Z")
 _LOGIN_RE = re.compile(r"[A-Za-z0-9]+\Z")
 _HTTP_LINE_RE = re.compile(rb"[A-Za-z]+ \S+ HTTP/\d+\.\d+\r?\Z")
 _CONTENT_LENGTH_RE = re.compile(rb"^content-length:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.I | re.M)
+_TRANSFER_ENCODING_RE = re.compile(rb"^transfer-encoding:", re.I | re.M)
 _COMMAND_LINE_RE = re.compile(
     rb"[ \t]*(online|watch|stats)(?:[ \t]+([^\r\n]*?))?[ \t]*(?:\r?\n|\Z)", re.I)
 _COMMAND_WORD_RE = re.compile(rb"[A-Z]+(?=\s|\Z)")
@@ -277,12 +278,19 @@ def _command(identifier: Identifier, match: re.Match[bytes]) -> InRequest:
 
 
 def _complete_body(head: bytes, body: bytes, eof: bool) -> bytes | None:
-    match = _CONTENT_LENGTH_RE.search(head)
-    if match is None:
+    lengths = set(_CONTENT_LENGTH_RE.findall(head))
+    if _TRANSFER_ENCODING_RE.search(head):
+        if lengths:
+            raise ProtocolError(400, "both Content-Length and Transfer-Encoding; nothing done")
+        raise ProtocolError(411, "a body in chunks (Transfer-Encoding) is not taken: send Content-Length")
+    if not lengths:
         return body if eof else None
-    if not match.group(1).isdigit() or len(match.group(1)) > MAX_NUMBER_DIGITS:
-        raise ProtocolError(400, f"invalid Content-Length {match.group(1).decode('latin-1')!r}")
-    length = int(match.group(1))
+    if len(lengths) > 1:
+        raise ProtocolError(400, "Content-Length headers that disagree; nothing done")
+    (value,) = lengths
+    if not value.isdigit() or len(value) > MAX_NUMBER_DIGITS:
+        raise ProtocolError(400, f"invalid Content-Length {value.decode('latin-1')!r}")
+    length = int(value)
     if len(body) >= length:
         return body[:length]
     if eof:
@@ -330,7 +338,7 @@ def render_wait_body_one(ids: Sequence[tuple[str, str]], data: bytes) -> bytes:
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-            408: "Request Timeout", 413: "Payload Too Large",
+            408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
             500: "Internal Server Error", 503: "Service Unavailable"}
 
 

@@ -55,7 +55,8 @@ class WaitLine:
             if method == "OPTIONS":
                 return self._preflight(header, cors)
             if method not in ("GET", "POST", "HEAD"):
-                raise ProtocolError(405, f"method {method} not allowed: use GET or POST")
+                # The method is not echoed: whatever a client sends stays out of the page.
+                raise ProtocolError(405, "method not allowed: use GET or POST")
             request = self._parse(method, target, header, read_body)
         except ProtocolError as error:
             return error_reply(error, cors)
@@ -123,7 +124,7 @@ def error_reply(error: ProtocolError, cors=()) -> Reply:
     body = (error.reason + "\n").encode()
     return Reply(_STATUS.get(error.status, f"{error.status} Error"), (
         ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
-        ("Connection", "close"), *cors), body)
+        ("X-Content-Type-Options", "nosniff"), ("Connection", "close"), *cors), body)
 
 
 def _too_long(config: Config) -> ProtocolError:

@@ -466,3 +466,30 @@ def test_json_nested_too_deep_is_a_400_at_once(server, cid, pieces):
         reply = parse_response(read_to_eof(sock, timeout=5))
     assert reply.status == 400 and b"too deeply" in reply.body
     assert "Traceback" not in server.output.text()
+
+
+def test_a_publish_with_every_target_outside_the_login_is_a_403(guarded):
+    other = guarded.listen("amy_news")
+    response = guarded.in_http("bob:secretB@amy_news,bobby_x", '"hi"')
+    assert response.status == 403 and "bob_" in response.text and "nothing published" in response.text
+    assert not other.has_ended(0.3)
+
+
+@pytest.mark.parametrize("headers, status, reason", [
+    ("Content-Length: 3\r\nContent-Length: 4\r\n", 400, b"disagree"),
+    ("Content-Length: 3\r\nTransfer-Encoding: chunked\r\n", 400, b"Transfer-Encoding"),
+    ("Transfer-Encoding: chunked\r\n", 411, b"Content-Length"),
+], ids=["two-lengths", "length-and-chunked", "chunked-only"])
+def test_ambiguous_or_chunked_in_bodies_are_refused_at_once(server, cid, headers, status, reason):
+    head = f"POST / HTTP/1.1\r\nX-Realplexor: identifier={cid}a\r\n{headers}\r\n".encode()
+    with socket.create_connection(("127.0.0.1", server.in_port), timeout=TIMEOUT) as sock:
+        sock.sendall(head + b"3\r\n\"x\"\r\n")      # no half-close: the answer must not wait for one
+        reply = parse_response(read_to_eof(sock, timeout=5))
+    assert reply.status == status and reason in reply.body
+
+
+def test_the_same_content_length_twice_is_taken(server, cid):
+    poll = server.listen(f"{cid}a")
+    head = f"POST / HTTP/1.1\r\nX-Realplexor: identifier={cid}a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n"
+    assert parse_response(server.in_raw(head.encode() + b'"x"')).status == 200
+    assert json.loads(poll.response().body[3:])[0]["data"] == "x"

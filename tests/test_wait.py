@@ -353,6 +353,12 @@ def test_cors_only_for_configured_origins(server_factory, cid):
 def test_unsupported_method_is_a_405(server):
     response = server.get("identifier=x", method="DELETE")
     assert response.status == 405
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_405_does_not_echo_the_method(server):
+    response = server.get("identifier=x", method="PROPFIND")
+    assert response.status == 405 and b"PROPFIND" not in response.body
 
 
 # -- the WSGI application in-process (webtest), for what needs no waiting --
