@@ -61,6 +61,10 @@ class Acceptor:
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._nodelay_each = tcp and not sys.platform.startswith("linux")
         self._pause = None
+        # Out of descriptors since when (monotonic), and how many pauses:
+        # one line when it starts, one when accepting works again.
+        self._starved_since: float | None = None
+        self._pauses = 0
 
     def start(self) -> None:
         """Begin accepting."""
@@ -87,6 +91,8 @@ class Acceptor:
                 if exc.errno in _OUT_OF_FILES:
                     self._pause_accepting(exc)
                 return
+            if self._starved_since is not None:
+                self._fed_again()
             # The C socket: its calls skip the Python layer of socket.socket.
             sock = _socket.socket(family, kind, proto, fd)
             try:
@@ -101,10 +107,20 @@ class Acceptor:
     def _pause_accepting(self, exc: OSError) -> None:
         # The listening socket stays readable: without a pause the loop
         # would spin on it until a descriptor is free again.
-        log.error("cannot accept connections: %s; pausing %g s", exc.strerror, ACCEPT_PAUSE)
+        if self._starved_since is None:
+            self._starved_since = time.monotonic()
+            log.error("cannot accept connections: %s; pausing %g s at a time until it can "
+                      "(waiting connections stay in the backlog)", exc.strerror, ACCEPT_PAUSE)
+        self._pauses += 1
         self._watcher.stop()
         self._pause = self._loop.timer(ACCEPT_PAUSE)
         self._pause.start(self._resume_accepting)
+
+    def _fed_again(self) -> None:
+        log.warning("accepting connections again after %.1f s (%d pauses)",
+                    time.monotonic() - self._starved_since, self._pauses)
+        self._starved_since = None
+        self._pauses = 0
 
     def _resume_accepting(self) -> None:
         self._pause.close()

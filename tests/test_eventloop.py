@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 from conftest import TIMEOUT, start_server, write_config
@@ -32,6 +33,9 @@ def test_out_of_files_pauses_accepting_and_resumes_when_some_are_free(tmp_path, 
                 assert chunk, raw
                 raw += chunk
             assert json.loads(raw.partition(b"\r\n\r\n")[2][3:])[0]["data"] == "still serving"
+        # One line when it began and one when it ended, however many pauses between.
+        assert len(re.findall("cannot accept connections", server.output.text())) == 1
+        server.output.wait_for(r"accepting connections again after [\d.]+ s \(\d+ pauses\)")
     finally:
         for sock in polls:
             sock.close()
