@@ -250,6 +250,9 @@ class LeanWaitServer:
             while not parse.request.complete:
                 data = sock.recv(READ_SIZE)
                 if not data:
+                    # A client that half-closed still reads: tell it why nothing happens.
+                    sock.sendall(_render_reply(error_reply(ProtocolError(
+                        400, "request ended before it was complete; nothing done"))))
                     raise ConnectionError("closed mid-request")
                 received += len(data)
                 refusal = self._feed(parse, data, received)

@@ -18,7 +18,8 @@ from gevent.pywsgi import WSGIHandler
 
 from .channels import ChannelState
 from .eventloop import linger, peer_closed
-from .wait import FIRST_BYTES, Reply, WaitLine, wants_keep_alive
+from .protocol import ProtocolError
+from .wait import FIRST_BYTES, ReadBody, Reply, WaitLine, wants_keep_alive
 
 StartResponse = Callable[..., object]
 _CLOSE = (("Connection", "close"),)
@@ -56,7 +57,7 @@ class WaitApp:
             environ["REQUEST_METHOD"], target,
             lambda name: environ.get("HTTP_" + name.upper().replace("-", "_"))
             if name != "content-length" else environ.get("CONTENT_LENGTH"),
-            environ["wsgi.input"].read)
+            _body_reader(environ))
         if isinstance(result, Reply):
             start_response(result.status, list(result.headers))
             return [result.body]
@@ -83,6 +84,25 @@ class WaitApp:
                 watcher.stop()
             if listener.body is None:
                 self.state.unlisten(listener)
+
+
+def _body_reader(environ: dict) -> ReadBody:
+    """``wsgi.input.read``, with a body that breaks off as the client's mistake.
+
+    pywsgi (and gunicorn) raise an OSError for a body that ends before
+    its Content-Length or its last chunk; left to the server, that is a 500.
+    """
+    read = environ["wsgi.input"].read
+
+    def read_body(limit: int) -> bytes:
+        try:
+            return read(limit)
+        except OSError:
+            if environ.get("CONTENT_LENGTH"):
+                raise ProtocolError(400, "request ended before its Content-Length; nothing done") from None
+            raise ProtocolError(400, "malformed or unfinished chunked body; nothing done") from None
+
+    return read_body
 
 
 def _input_pending(sock) -> bool:
