@@ -304,6 +304,10 @@ def _checked_data(data: bytes) -> bytes:
             raise ProtocolError(400, f"data is not valid JSON, and {word.group(0).decode()!r} is not a "
                                      "command (ONLINE, WATCH, STATS); nothing done") from None
         raise ProtocolError(400, f"data is not valid JSON ({exc}); nothing published") from None
+    except (ValueError, RecursionError):
+        # Valid JSON that Python cannot hold: a number past int()'s digit limit, deep nesting.
+        raise ProtocolError(400, "data holds a number with too many digits or is nested too deeply; "
+                                 "nothing published") from None
     return bytes(data)
 
 
