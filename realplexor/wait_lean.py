@@ -31,7 +31,7 @@ from .channels import ChannelState
 from .deadlines import Deadlines
 from .eventloop import READ, Acceptor, Sweeper, close_connection, lend, linger, peer_closed, take_back
 from .protocol import ProtocolError
-from .wait import FIRST_BYTES, Reply, WaitLine, error_reply, wants_keep_alive
+from .wait import FIRST_BYTES, Reply, WaitLine, error_reply, render_head, render_reply, wants_keep_alive
 
 log = logging.getLogger("realplexor.wait")
 
@@ -234,12 +234,12 @@ class LeanWaitServer:
                                          f"({self.line.config.WAIT_MAXLEN} bytes) plus headers")
             parse.parser.feed_data(data)
         except ProtocolError as error:
-            return _render_reply(error_reply(error))
+            return render_reply(error_reply(error))
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if parse.request.complete:   # junk after a whole request: answer it, then close
                 parse.request.pipelined = True
                 return None
-            return _render_reply(error_reply(ProtocolError(400, f"malformed HTTP request: {exc or 'upgrade'}")))
+            return render_reply(error_reply(ProtocolError(400, f"malformed HTTP request: {exc or 'upgrade'}")))
         return None
 
     def _read_rest(self, conn: LeanPoll, parse: _Parse, received: int) -> None:
@@ -251,7 +251,7 @@ class LeanWaitServer:
                 data = sock.recv(READ_SIZE)
                 if not data:
                     # A client that half-closed still reads: tell it why nothing happens.
-                    sock.sendall(_render_reply(error_reply(ProtocolError(
+                    sock.sendall(render_reply(error_reply(ProtocolError(
                         400, "request ended before it was complete; nothing done"))))
                     raise ConnectionError("closed mid-request")
                 received += len(data)
@@ -283,7 +283,7 @@ class LeanWaitServer:
                                   request.headers.get, lambda limit: request.body[:limit])
         if isinstance(result, Reply):
             # Bytes after the request: close gently, or the client may lose the reply.
-            self._send(conn, _render_reply(result), _LINGER if request.pipelined else _CLOSE)
+            self._send(conn, render_reply(result), _LINGER if request.pipelined else _CLOSE)
             return
         keep_alive = not request.pipelined and wants_keep_alive(version, request.headers.get("connection"))
         conn.keep_alive = keep_alive
@@ -303,7 +303,7 @@ class LeanWaitServer:
             headers = self.line.poll_headers(origin) + (
                 (("Connection", "keep-alive"), ("Transfer-Encoding", "chunked")) if keep_alive
                 else (("Connection", "close"),))
-            head = _render_head("200 OK", headers)
+            head = render_head("200 OK", headers)
             if len(self._heads) > 64:   # many distinct origins: do not grow without end
                 self._heads.clear()
             self._heads[key] = head
@@ -431,12 +431,3 @@ def _parser_goes_on(version: str, request: _Request) -> bool:
     """Whether the parser takes another request after this one (llhttp
     refuses one after any ``Connection: close``, and after HTTP/1.0)."""
     return version == "1.1" and not request.closing
-
-
-def _render_head(status: str, headers) -> bytes:
-    lines = [f"HTTP/1.1 {status}"] + [f"{name}: {value}" for name, value in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def _render_reply(reply: Reply) -> bytes:
-    return _render_head(reply.status, reply.headers) + reply.body
