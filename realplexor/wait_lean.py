@@ -28,6 +28,7 @@ import httptools
 from gevent.hub import get_hub
 
 from .channels import ChannelState
+from .clientlog import bad_request, escape, peer
 from .deadlines import Deadlines
 from .eventloop import READ, Acceptor, Sweeper, close_connection, lend, linger, peer_closed, take_back
 from .protocol import ProtocolError
@@ -219,27 +220,27 @@ class LeanWaitServer:
             self._respond(conn, request, parse.parser.get_method(), version)
         elif refusal is not None:
             self._parse = _Parse()
-            self._send(conn, refusal, _LINGER)
+            self._send(conn, _refusal(refusal, conn.sock, data), _LINGER)
         else:
             # This request's parser now holds a part of it: the connection
             # keeps it, and a fresh one serves the others.
             self._parse = _Parse()
             gevent.spawn(self._read_rest, conn, parse, len(data))
 
-    def _feed(self, parse: _Parse, data: bytes, received: int) -> bytes | None:
-        """Feed the parser; for a bad or oversized request, the answer to send."""
+    def _feed(self, parse: _Parse, data: bytes, received: int) -> ProtocolError | None:
+        """Feed the parser; for a bad or oversized request, why it is refused."""
         try:
             if received > self.line.config.WAIT_MAXLEN + MAX_HEAD_BYTES:
                 raise ProtocolError(413, f"request longer than WAIT_MAXLEN "
                                          f"({self.line.config.WAIT_MAXLEN} bytes) plus headers")
             parse.parser.feed_data(data)
         except ProtocolError as error:
-            return render_reply(error_reply(error))
+            return error
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if parse.request.complete:   # junk after a whole request: answer it, then close
                 parse.request.pipelined = True
                 return None
-            return render_reply(error_reply(ProtocolError(400, f"malformed HTTP request: {exc or 'upgrade'}")))
+            return ProtocolError(400, f"malformed HTTP request: {exc or 'upgrade'}")
         return None
 
     def _read_rest(self, conn: LeanPoll, parse: _Parse, received: int) -> None:
@@ -257,7 +258,7 @@ class LeanWaitServer:
                 received += len(data)
                 refusal = self._feed(parse, data, received)
                 if refusal is not None:
-                    sock.sendall(refusal)
+                    sock.sendall(_refusal(refusal, sock, data))
                     linger(sock)
                     raise ConnectionError("request refused")
         except OSError:
@@ -425,6 +426,17 @@ class LeanWaitServer:
         if not keep_alive:
             return data
         return b"%x\r\n%s\r\n%s" % (len(data), data, _LAST_CHUNK)
+
+
+def _refusal(error: ProtocolError, sock, data: bytes) -> bytes:
+    """The answer to a request refused while reading; a malformed one is logged."""
+    if error.status == 400:
+        try:
+            address = sock.getpeername()
+        except OSError:
+            address = None
+        bad_request("WAIT %s: 400 %s: %s", peer(address), error.reason, escape(data))
+    return render_reply(error_reply(error))
 
 
 def _parser_goes_on(version: str, request: _Request) -> bool:

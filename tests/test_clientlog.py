@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
+import socket
+import time
 import uuid
 
 import pytest
 
-from realplexor.clientlog import EXCERPT, BadRequestLog, escape
+from conftest import parse_response, read_to_eof
+from realplexor.clientlog import EXCERPT, LINES_PER_WINDOW, WINDOW, BadRequestLog, escape
 
 PRINTABLE = re.compile(r"[ -~]*\Z")
+SUMMARY = re.compile(r"(\d+) more bad requests suppressed in the last")
+MAX_LINE = 300
 
 
 # -- escape ------------------------------------------------------------------
@@ -110,3 +116,94 @@ def test_nothing_is_counted_when_the_level_is_off(recorded):
     for _ in range(5):
         log.log("bad")
     assert records.lines == [] and clock.scheduled == []
+
+
+# -- a real server's log ---------------------------------------------------------
+
+def throw(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        try:
+            return read_to_eof(sock)
+        except ConnectionResetError:
+            return b""
+
+
+def logged_since(server, seen: int) -> list[str]:
+    """Lines logged since ``seen``, but for the server's start and the reload that marked their end."""
+    return [line for line in server.settled_log()[seen:]
+            if "configuration reloaded" not in line and "realplexor started" not in line]
+
+
+def assert_tidy(lines: list[str]) -> None:
+    for line in lines:
+        assert " ERROR " not in line and "Traceback" not in line, line
+        assert PRINTABLE.match(line), line
+        assert len(line) <= MAX_LINE, line
+
+
+JUNK = b"\x1b[2J\x00\x07GET\x08 /\x7f\xff junk\r\n\r\n"
+_rng = random.Random(3)
+LONG_GARBAGE = bytes(_rng.choice([c for c in range(1, 256) if c not in b" \r\n"])
+                     for _ in range(5000)) + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("engine", ["wsgi", "lean"])
+@pytest.mark.parametrize("request_bytes", [JUNK, LONG_GARBAGE], ids=["junk", "long-garbage"])
+def test_bad_wait_request_is_one_escaped_info_line(server_factory, engine, request_bytes):
+    server = server_factory(WAIT_ENGINE=engine)
+    seen = len(server.output.lines)
+    assert parse_response(throw(server.wait_port, request_bytes)).status == 400
+    lines = logged_since(server, seen)
+    assert len(lines) <= 1, lines
+    assert_tidy(lines)
+    assert all(" INFO " in line for line in lines), lines
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"X-Realplexor: identifier=a\r\nContent-Length: \x1b[31m\x00\xff\r\n\r\n1",
+    b"identifier=" + b"\x07@" * 2500 + b"\n\n1",
+], ids=["junk", "long-garbage"])
+def test_bad_in_request_is_one_escaped_info_line(server_factory, request_bytes):
+    server = server_factory()
+    seen = len(server.output.lines)
+    assert parse_response(throw(server.in_port, request_bytes)).status == 400
+    lines = logged_since(server, seen)
+    assert len(lines) == 1, lines
+    assert_tidy(lines)
+    assert " INFO " in lines[0] and "\\x" in lines[0], lines
+
+
+def flood(server, port: int, request: bytes, count: int = 500) -> None:
+    """Send ``count`` bad requests; check the log stays small and loses no count."""
+    seen = len(server.output.lines)
+    start = time.monotonic()
+    for n in range(count):
+        throw(port, request % n)
+    elapsed = time.monotonic() - start
+
+    def accounted() -> int:
+        lines = server.output.lines[seen:]
+        suppressed = sum(int(m.group(1)) for m in map(SUMMARY.search, lines) if m)
+        return suppressed + sum(" 400 " in line for line in lines)
+
+    server.wait_until(lambda: accounted() >= count)
+    lines = logged_since(server, seen)
+    assert_tidy(lines)
+    assert any(SUMMARY.search(line) for line in lines), lines
+    windows = math.ceil(elapsed / WINDOW) + 1
+    assert len(lines) <= windows * (LINES_PER_WINDOW + 2), (elapsed, lines)
+    assert len(lines) < count / 5, lines
+    assert accounted() == count
+
+
+@pytest.mark.parametrize("engine", ["wsgi", "lean"])
+def test_flood_of_bad_wait_requests_writes_few_lines(server_factory, engine):
+    server = server_factory(WAIT_ENGINE=engine)
+    flood(server, server.wait_port, b"\x00junk %d\r\n\r\n")
+
+
+def test_flood_of_bad_in_requests_writes_few_lines(server_factory):
+    server = server_factory()
+    flood(server, server.in_port, b"identifier=a\n\nnot json %d")
