@@ -18,6 +18,7 @@ from gevent.threadpool import ThreadPool
 
 from .auth import Principal, Users
 from .channels import ChannelState
+from .clientlog import bad_request, escape, peer
 from .config import VERBOSE, Config
 from .deadlines import Deadlines
 from .eventloop import (LINGER_BYTES, LINGER_SECONDS, READ, Acceptor, Sweeper, close_connection,
@@ -91,7 +92,7 @@ class InLine:
         try:
             if request.command is None:
                 return self._publish(principal, request, address)
-            log.log(VERBOSE, "IN %s: %s %s", _peer(address), request.command, " ".join(request.args))
+            log.log(VERBOSE, "IN %s: %s %s", peer(address), request.command, escape(" ".join(request.args)))
             if request.command == "ONLINE":
                 return self._online(principal, request.args)
             if request.command == "WATCH":
@@ -102,7 +103,7 @@ class InLine:
 
     @staticmethod
     def _refused(error: ProtocolError, address: object) -> bytes:
-        log.info("IN %s: %s %s", _peer(address), error.status, error.reason)
+        bad_request("IN %s: %s %s", peer(address), error.status, escape(error.reason))
         return render_error(error)
 
     def _publish(self, principal: Principal, request: InRequest, address: object) -> bytes:
@@ -115,11 +116,11 @@ class InLine:
             raise ProtocolError(403, f"login {principal.login} may publish only to ids starting with "
                                      f"{principal.prefix}; nothing published")
         if len(allowed) < len(targets):
-            log.info("IN %s: login %s may not publish to %s; skipped", _peer(address), principal.login,
-                     ",".join(item.id for item in targets if not principal.may_touch(item.id)))
+            bad_request("IN %s: login %s may not publish to %s; skipped", peer(address), principal.login,
+                        ",".join(item.id for item in targets if not principal.may_touch(item.id)))
         placed = self.state.publish(allowed, request.data, request.identifier.limiters)
         if log.isEnabledFor(VERBOSE):
-            log.log(VERBOSE, "IN %s: published %d bytes to %s", _peer(address), len(request.data),
+            log.log(VERBOSE, "IN %s: published %d bytes to %s", peer(address), len(request.data),
                     ",".join(f"{c}@{t}" for c, t in placed))
         return _OK
 
@@ -201,7 +202,7 @@ class InServer:
             self._wait_for_more(conn)
             return
         except OSError as exc:
-            log.debug("IN %s: connection lost: %s", _peer(conn.address), exc)
+            log.debug("IN %s: connection lost: %s", peer(conn.address), exc)
             self._close(conn)
             return
         eof = not chunk
@@ -212,7 +213,7 @@ class InServer:
             conn.buf.add(chunk)
             data, worth = conn.buf.data, conn.buf.worth_parsing(eof)
         if len(data) > config.IN_MAXLEN:
-            log.info("IN %s: request over IN_MAXLEN", _peer(conn.address))
+            bad_request("IN %s: 413 request over IN_MAXLEN", peer(conn.address))
             self._answer(conn, render_error(ProtocolError(
                 413, f"request longer than IN_MAXLEN ({config.IN_MAXLEN} bytes); nothing published")),
                 eof, early=True)
@@ -220,7 +221,7 @@ class InServer:
         try:
             request = parse_in_request(data, eof, config.IDENTIFIER) if worth else None
         except ProtocolError as error:
-            log.info("IN %s: %s %s", _peer(conn.address), error.status, error.reason)
+            bad_request("IN %s: %s %s", peer(conn.address), error.status, escape(error.reason))
             self._answer(conn, render_error(error), eof, early=True)
             return
         if request is None:
@@ -264,7 +265,7 @@ class InServer:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            log.debug("IN %s: connection lost: %s", _peer(conn.address), exc)
+            log.debug("IN %s: connection lost: %s", peer(conn.address), exc)
             self._close(conn)
             return
         if sent < len(reply):
@@ -284,7 +285,7 @@ class InServer:
             if not eof:
                 linger(sock)
         except OSError as exc:
-            log.debug("IN %s: connection lost: %s", _peer(conn.address), exc)
+            log.debug("IN %s: connection lost: %s", peer(conn.address), exc)
         finally:
             sock.close()
             self._close(conn)
@@ -324,7 +325,7 @@ class InServer:
 
     def _sweep(self, now: float) -> None:
         for conn in self._reading.pop_due(now):
-            log.info("IN %s: idle for IN_TIMEOUT, closed", _peer(conn.address))
+            bad_request("IN %s: 408 idle for IN_TIMEOUT, closed", peer(conn.address))
             self._answer(conn, render_error(ProtocolError(
                 408, f"no complete request within IN_TIMEOUT ({self.line.config.IN_TIMEOUT:g} s); "
                      "nothing done")), eof=False, early=True)
@@ -354,7 +355,3 @@ def _scoped(principal: Principal, prefixes: Sequence[str]) -> Sequence[str] | No
         return prefixes
     own = [p for p in prefixes if p.startswith(principal.prefix)]
     return own or None
-
-
-def _peer(address: tuple) -> str:
-    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)

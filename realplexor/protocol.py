@@ -319,6 +319,8 @@ def _checked_data(data: bytes) -> bytes:
             raise ProtocolError(400, f"data is not valid JSON, and {word.group(0).decode()!r} is not a "
                                      "command (ONLINE, WATCH, STATS); nothing done") from None
         raise ProtocolError(400, f"data is not valid JSON ({exc}); nothing published") from None
+    except ValueError as exc:
+        raise ProtocolError(400, f"data cannot be checked as JSON ({exc}); nothing published") from None
     return bytes(data)
 
 

@@ -127,6 +127,17 @@ def error_reply(error: ProtocolError, cors=()) -> Reply:
         ("X-Content-Type-Options", "nosniff"), ("Connection", "close"), *cors), body)
 
 
+def render_head(status: str, headers) -> bytes:
+    """An HTTP/1.1 status line and headers, ended by the blank line."""
+    lines = [f"HTTP/1.1 {status}"] + [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def render_reply(reply: Reply) -> bytes:
+    """A complete reply as the bytes to send."""
+    return render_head(reply.status, reply.headers) + reply.body
+
+
 def _too_long(config: Config) -> ProtocolError:
     return ProtocolError(413, f"request longer than WAIT_MAXLEN ({config.WAIT_MAXLEN} bytes)")
 

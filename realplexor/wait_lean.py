@@ -28,10 +28,11 @@ import httptools
 from gevent.hub import get_hub
 
 from .channels import ChannelState
+from .clientlog import bad_request, escape, peer
 from .deadlines import Deadlines
 from .eventloop import READ, Acceptor, Sweeper, close_connection, lend, linger, peer_closed, take_back
 from .protocol import ProtocolError
-from .wait import FIRST_BYTES, Reply, WaitLine, error_reply, wants_keep_alive
+from .wait import FIRST_BYTES, Reply, WaitLine, error_reply, render_head, render_reply, wants_keep_alive
 
 log = logging.getLogger("realplexor.wait")
 
@@ -219,27 +220,27 @@ class LeanWaitServer:
             self._respond(conn, request, parse.parser.get_method(), version)
         elif refusal is not None:
             self._parse = _Parse()
-            self._send(conn, refusal, _LINGER)
+            self._send(conn, _refusal(refusal, conn.sock, data), _LINGER)
         else:
             # This request's parser now holds a part of it: the connection
             # keeps it, and a fresh one serves the others.
             self._parse = _Parse()
             gevent.spawn(self._read_rest, conn, parse, len(data))
 
-    def _feed(self, parse: _Parse, data: bytes, received: int) -> bytes | None:
-        """Feed the parser; for a bad or oversized request, the answer to send."""
+    def _feed(self, parse: _Parse, data: bytes, received: int) -> ProtocolError | None:
+        """Feed the parser; for a bad or oversized request, why it is refused."""
         try:
             if received > self.line.config.WAIT_MAXLEN + MAX_HEAD_BYTES:
                 raise ProtocolError(413, f"request longer than WAIT_MAXLEN "
                                          f"({self.line.config.WAIT_MAXLEN} bytes) plus headers")
             parse.parser.feed_data(data)
         except ProtocolError as error:
-            return _render_reply(error_reply(error))
+            return error
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if parse.request.complete:   # junk after a whole request: answer it, then close
                 parse.request.pipelined = True
                 return None
-            return _render_reply(error_reply(ProtocolError(400, f"malformed HTTP request: {exc or 'upgrade'}")))
+            return ProtocolError(400, f"malformed HTTP request: {exc or 'upgrade'}")
         return None
 
     def _read_rest(self, conn: LeanPoll, parse: _Parse, received: int) -> None:
@@ -250,11 +251,14 @@ class LeanWaitServer:
             while not parse.request.complete:
                 data = sock.recv(READ_SIZE)
                 if not data:
+                    # A client that half-closed still reads: tell it why nothing happens.
+                    sock.sendall(render_reply(error_reply(ProtocolError(
+                        400, "request ended before it was complete; nothing done"))))
                     raise ConnectionError("closed mid-request")
                 received += len(data)
                 refusal = self._feed(parse, data, received)
                 if refusal is not None:
-                    sock.sendall(refusal)
+                    sock.sendall(_refusal(refusal, sock, data))
                     linger(sock)
                     raise ConnectionError("request refused")
         except OSError:
@@ -280,7 +284,7 @@ class LeanWaitServer:
                                   request.headers.get, lambda limit: request.body[:limit])
         if isinstance(result, Reply):
             # Bytes after the request: close gently, or the client may lose the reply.
-            self._send(conn, _render_reply(result), _LINGER if request.pipelined else _CLOSE)
+            self._send(conn, render_reply(result), _LINGER if request.pipelined else _CLOSE)
             return
         keep_alive = not request.pipelined and wants_keep_alive(version, request.headers.get("connection"))
         conn.keep_alive = keep_alive
@@ -300,7 +304,7 @@ class LeanWaitServer:
             headers = self.line.poll_headers(origin) + (
                 (("Connection", "keep-alive"), ("Transfer-Encoding", "chunked")) if keep_alive
                 else (("Connection", "close"),))
-            head = _render_head("200 OK", headers)
+            head = render_head("200 OK", headers)
             if len(self._heads) > 64:   # many distinct origins: do not grow without end
                 self._heads.clear()
             self._heads[key] = head
@@ -424,16 +428,18 @@ class LeanWaitServer:
         return b"%x\r\n%s\r\n%s" % (len(data), data, _LAST_CHUNK)
 
 
+def _refusal(error: ProtocolError, sock, data: bytes) -> bytes:
+    """The answer to a request refused while reading; a malformed one is logged."""
+    if error.status == 400:
+        try:
+            address = sock.getpeername()
+        except OSError:
+            address = None
+        bad_request("WAIT %s: 400 %s: %s", peer(address), error.reason, escape(data))
+    return render_reply(error_reply(error))
+
+
 def _parser_goes_on(version: str, request: _Request) -> bool:
     """Whether the parser takes another request after this one (llhttp
     refuses one after any ``Connection: close``, and after HTTP/1.0)."""
     return version == "1.1" and not request.closing
-
-
-def _render_head(status: str, headers) -> bytes:
-    lines = [f"HTTP/1.1 {status}"] + [f"{name}: {value}" for name, value in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def _render_reply(reply: Reply) -> bytes:
-    return _render_head(reply.status, reply.headers) + reply.body

@@ -8,6 +8,7 @@ standalone server runs it under gevent's WSGIServer with
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 from decimal import Decimal
 from typing import Callable, Iterable, Iterator
@@ -17,8 +18,10 @@ from gevent.hub import get_hub
 from gevent.pywsgi import WSGIHandler
 
 from .channels import ChannelState
+from .clientlog import bad_request, escape, peer
 from .eventloop import linger, peer_closed
-from .wait import FIRST_BYTES, Reply, WaitLine, wants_keep_alive
+from .protocol import ProtocolError
+from .wait import FIRST_BYTES, ReadBody, Reply, WaitLine, error_reply, render_reply, wants_keep_alive
 
 StartResponse = Callable[..., object]
 _CLOSE = (("Connection", "close"),)
@@ -56,7 +59,7 @@ class WaitApp:
             environ["REQUEST_METHOD"], target,
             lambda name: environ.get("HTTP_" + name.upper().replace("-", "_"))
             if name != "content-length" else environ.get("CONTENT_LENGTH"),
-            environ["wsgi.input"].read)
+            _body_reader(environ))
         if isinstance(result, Reply):
             start_response(result.status, list(result.headers))
             return [result.body]
@@ -83,6 +86,34 @@ class WaitApp:
                 watcher.stop()
             if listener.body is None:
                 self.state.unlisten(listener)
+
+
+def _body_reader(environ: dict) -> ReadBody:
+    """``wsgi.input.read``, with a body that breaks off as the client's mistake.
+
+    pywsgi (and gunicorn) raise an OSError for a body that ends before
+    its Content-Length or its last chunk; left to the server, that is a 500.
+    """
+    read = environ["wsgi.input"].read
+
+    def read_body(limit: int) -> bytes:
+        try:
+            return read(limit)
+        except OSError:
+            if environ.get("CONTENT_LENGTH"):
+                raise ProtocolError(400, "request ended before its Content-Length; nothing done") from None
+            raise ProtocolError(400, "malformed or unfinished chunked body; nothing done") from None
+
+    return read_body
+
+
+def _client_error(ex: Exception, request_line: str) -> tuple[str, str]:
+    """What pywsgi found wrong in a request (no client bytes), and all it said."""
+    message = getattr(ex, "formatted_message", None)
+    if message is not None:
+        # pywsgi's own: "Invalid HTTP method: '...'", "Expected GET method; Got ..."
+        return re.split(r"[:;]", message, maxsplit=1)[0], message
+    return "unreadable request line or headers", f"{type(ex).__name__}: {ex}; request line {request_line!r}"
 
 
 def _input_pending(sock) -> bool:
@@ -123,7 +154,10 @@ class LongPollHandler(WSGIHandler):
     - a response that closes the connection is close-delimited, not
       chunked, as raw clients of the old server read to end of file;
     - the client socket is in the environ, to notice a client that leaves;
-    - a request it cannot read is answered before the connection lingers.
+    - a request it cannot read is the client's mistake: a 400 with the
+      reason, answered before the connection lingers, and an INFO line
+      with the client's bytes escaped (pywsgi logs it at ERROR, raw);
+    - a client that leaves while sending its request is not logged.
     """
 
     READ_BUFFER = 1024
@@ -154,6 +188,15 @@ class LongPollHandler(WSGIHandler):
             # lose the answer it has not read yet.
             linger(self.socket)
         return result
+
+    def _handle_client_error(self, ex: Exception):
+        # pywsgi's hook for a request it cannot parse (it ignores the answer
+        # for a chunked body found malformed after the reply began).
+        if isinstance(ex, (ConnectionError, TimeoutError)):
+            return None
+        what, message = _client_error(ex, getattr(self, "requestline", ""))
+        bad_request("WAIT %s: 400 malformed HTTP request: %s", peer(self.client_address), escape(message))
+        return "400", render_reply(error_reply(ProtocolError(400, f"malformed HTTP request: {what}")))
 
     def get_environ(self) -> dict:
         environ = super().get_environ()

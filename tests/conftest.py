@@ -230,6 +230,20 @@ class RunningServer:
                 raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
             time.sleep(interval)
 
+    def settled_log(self) -> list[str]:
+        """The server's output, once everything it logged before this call is in.
+
+        A reload logs a line after whatever came before it; its arrival
+        marks the point.
+        """
+        def reloads() -> int:
+            return sum("configuration reloaded" in line for line in self.output.lines)
+
+        before = reloads()
+        self.process.send_signal(signal.SIGHUP)
+        self.wait_until(lambda: reloads() > before)
+        return list(self.output.lines)
+
     def stop(self) -> int:
         """SIGTERM the server and return its exit status."""
         for poll in self.polls:

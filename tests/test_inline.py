@@ -103,6 +103,15 @@ def test_invalid_json_is_a_400_and_publishes_nothing(server, cid, data):
     assert [p["data"] for p in received(poll)] == ["good"]
 
 
+@pytest.mark.parametrize("data", ["[" * 2000 + "]" * 2000], ids=["deep"])
+def test_json_too_big_for_python_is_a_400_and_publishes_nothing(server, cid, data):
+    poll = server.listen(f"{cid}a")
+    response = server.in_http(f"{cid}a", data)
+    assert response.status == 400, response.raw
+    assert len(response.body.strip().splitlines()) == 1
+    assert not poll.has_ended(0.2)
+
+
 def test_invalid_utf8_is_a_400(server, cid):
     response = server.in_http(f"{cid}a", b'"\xff\xfe"')
     assert response.status == 400

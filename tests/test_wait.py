@@ -702,3 +702,24 @@ def test_a_poll_of_more_than_wait_max_ids_is_a_413(server_factory, cid):
     fifty = server.listen(",".join(f"{cid}{n}" for n in range(50)))
     assert len(server.online(cid)) == 50
     fifty.close()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("ending", ["half-close", "close"])
+def test_post_body_ending_early_is_a_400_not_a_500(server, cid, framing, ending):
+    body = f"identifier={cid}a".encode()
+    if framing == "chunked":
+        head, body = "Transfer-Encoding: chunked", b"%x\r\n" % (len(body) + 50) + body
+    else:
+        head = f"Content-Length: {len(body) + 50}"
+    seen = len(server.output.lines)
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        sock.sendall(f"POST / HTTP/1.1\r\nHost: x\r\n{head}\r\n\r\n".encode() + body)
+        if ending == "half-close":
+            sock.shutdown(socket.SHUT_WR)
+            response = parse_response(read_to_eof(sock))
+            assert response.status == 400, response.raw
+            assert len(response.body.strip().splitlines()) == 1, response.raw
+    assert server.online(cid) == {}
+    log = "\n".join(server.settled_log()[seen:])
+    assert "Traceback" not in log and " ERROR " not in log, log
