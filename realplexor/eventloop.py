@@ -166,6 +166,17 @@ def take_back(lent: gevent.socket.socket) -> _socket.socket:
     return sock
 
 
+def sendall_within(lent: gevent.socket.socket, data: bytes, seconds: float) -> None:
+    """Send ``data`` in a greenlet, giving up (TimeoutError) after ``seconds`` in all.
+
+    A socket timeout bounds each send alone: a client that takes one byte
+    at a time would hold the connection for ever.
+    """
+    lent.settimeout(None)
+    with gevent.Timeout(seconds, TimeoutError(f"answer not taken within {seconds:g} s")):
+        lent.sendall(data)
+
+
 def linger(lent: gevent.socket.socket) -> None:
     """Say we are done, then read and drop what the client still sends (in a greenlet).
 

@@ -22,7 +22,7 @@ from .clientlog import bad_request, escape, peer
 from .config import VERBOSE, Config
 from .deadlines import Deadlines
 from .eventloop import (LINGER_BYTES, LINGER_SECONDS, READ, Acceptor, Sweeper, close_connection,
-                        lend, linger, peer_closed)
+                        lend, linger, peer_closed, sendall_within)
 from .protocol import (MAX_NUMBER_DIGITS, InRequest, InRequestBuffer, ProtocolError,
                        parse_in_request, render_error, render_in_reply, render_online,
                        render_watch)
@@ -250,7 +250,8 @@ class InServer:
         if conn.watcher is None:
             conn.watcher = self._loop.io(conn.sock.fileno(), READ)
             conn.watcher.start(self._read, conn)
-        self._reading.set(conn, time.monotonic() + self.line.config.IN_TIMEOUT)
+            # IN_TIMEOUT bounds the whole request, not each wait for a piece.
+            self._reading.set(conn, time.monotonic() + self.line.config.IN_TIMEOUT)
 
     # -- answering and closing ---------------------------------------------------
 
@@ -278,10 +279,10 @@ class InServer:
 
     def _answer_in_greenlet(self, conn: _Connection, rest: bytes, eof: bool) -> None:
         """A reply the socket could not take at once: finish it blocking."""
-        sock = lend(conn.sock, LINGER_SECONDS + self.line.config.IN_TIMEOUT)
+        sock = lend(conn.sock, None)
         conn.sock = None
         try:
-            sock.sendall(rest)
+            sendall_within(sock, rest, self.line.config.WRITE_TIMEOUT)
             if not eof:
                 linger(sock)
         except OSError as exc:

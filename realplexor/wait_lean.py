@@ -30,7 +30,7 @@ from gevent.hub import get_hub
 from .channels import ChannelState
 from .clientlog import bad_request, escape, peer
 from .deadlines import Deadlines
-from .eventloop import READ, Acceptor, Sweeper, close_connection, lend, linger, peer_closed, take_back
+from .eventloop import READ, Acceptor, Sweeper, close_connection, lend, linger, sendall_within, take_back
 from .protocol import ProtocolError
 from .wait import FIRST_BYTES, Reply, WaitLine, error_reply, render_head, render_reply, wants_keep_alive
 
@@ -39,10 +39,9 @@ log = logging.getLogger("realplexor.wait")
 READ_SIZE = 8192
 # Bytes a request may carry besides what WAIT_MAXLEN counts (headers).
 MAX_HEAD_BYTES = 16384
-# Seconds a client may take to send its request, and to take an answer.
-REQUEST_TIMEOUT = 30.0
-# Seconds a kept-alive connection may sit idle between polls.
-KEEPALIVE_IDLE = 30.0
+# Bytes a client may send while its poll waits (a request sent too
+# early); more, and the poll is ended and the connection refused.
+MAX_PARKED_INPUT = 4096
 SWEEP_INTERVAL = 0.25
 _FIRST_CHUNK = b"3\r\n \r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -116,18 +115,26 @@ class _Parse:
 
 
 class LeanPoll:
-    """One connection of the lean engine, and the listener it registers."""
+    """One connection of the lean engine, and the listener it registers.
 
-    __slots__ = ("cursors", "engine", "keep_alive", "sock", "watcher", "parked", "pending")
+    ``deadline`` is when its request must have arrived whole (None while a
+    kept-alive connection waits for its next request); ``early`` holds
+    what the client sent while its poll waited.
+    """
 
-    def __init__(self, engine: "LeanWaitServer", sock: socket.socket, watcher=None):
+    __slots__ = ("cursors", "engine", "keep_alive", "sock", "watcher", "parked", "pending",
+                 "deadline", "early")
+
+    def __init__(self, engine: "LeanWaitServer", sock: socket.socket, deadline: float | None):
         self.cursors: dict[str, Decimal | None] = {}
         self.engine = engine
         self.keep_alive = False
         self.sock = sock
-        self.watcher = watcher
+        self.watcher = None
         self.parked = False
         self.pending: bytes | None = None     # a body that came before the poll was parked
+        self.deadline = deadline
+        self.early: bytes | None = None
 
     def deliver(self, body: bytes) -> None:
         """Called by the channel state: write the body out now."""
@@ -146,7 +153,9 @@ class LeanWaitServer:
         self._parse = _Parse()
         # parked polls -> when WAIT_TIMEOUT ends their wait
         self._parked: Deadlines[LeanPoll] = Deadlines()
-        # connections waiting for a request (new or kept alive) -> when they are closed
+        # new connections waiting for their request -> when they get a 408
+        self._starting: Deadlines[LeanPoll] = Deadlines()
+        # kept-alive connections waiting for their next request -> when they are closed
         self._idle: Deadlines[LeanPoll] = Deadlines()
         self._heads: dict[tuple, bytes] = {}
         self._framed_for: bytes | None = None
@@ -167,9 +176,10 @@ class LeanWaitServer:
         for conn in list(self._parked):
             self.state.unlisten(conn)
             self._close(conn)
-        for conn in list(self._idle):
+        for conn in [*self._starting, *self._idle]:
             self._close(conn)
         self._parked.clear()
+        self._starting.clear()
         self._idle.clear()
 
     def reconfigure(self) -> None:
@@ -181,18 +191,23 @@ class LeanWaitServer:
     def _accepted(self, sock: socket.socket, address) -> None:
         """A new connection (in the accept callback: must not block)."""
         # The read watcher is made when the connection first has to wait.
-        self._read_now(LeanPoll(self, sock))
+        self._read_now(LeanPoll(self, sock, time.monotonic() + self.line.config.WAIT_REQUEST_TIMEOUT))
 
     def _on_readable(self, conn: LeanPoll) -> None:
         conn.watcher.stop()
-        self._idle.cancel(conn)
+        if conn.deadline is None:
+            # A kept-alive connection's next request begins: it has as long as a new one.
+            self._idle.cancel(conn)
+            conn.deadline = time.monotonic() + self.line.config.WAIT_REQUEST_TIMEOUT
+        else:
+            self._starting.cancel(conn)
         self._read_now(conn)
 
     def _read_now(self, conn: LeanPoll) -> None:
         try:
             data = conn.sock.recv(READ_SIZE)
         except BlockingIOError:
-            self._wait_for_request(conn, REQUEST_TIMEOUT)
+            self._wait_for_request(conn)
             return
         except OSError:
             self._close(conn)
@@ -244,21 +259,25 @@ class LeanWaitServer:
         return None
 
     def _read_rest(self, conn: LeanPoll, parse: _Parse, received: int) -> None:
-        """A request that came in pieces: read the rest in this greenlet."""
-        sock = lend(conn.sock, REQUEST_TIMEOUT)
+        """A request that came in pieces: read the rest in this greenlet, by its deadline."""
+        sock = lend(conn.sock, None)
         conn.sock = None
+        config = self.line.config
         try:
             while not parse.request.complete:
-                data = sock.recv(READ_SIZE)
+                data = _recv_by(sock, conn.deadline)
+                if data is None:
+                    sendall_within(sock, _request_timeout(config.WAIT_REQUEST_TIMEOUT), config.WRITE_TIMEOUT)
+                    raise ConnectionError("request too slow")
                 if not data:
                     # A client that half-closed still reads: tell it why nothing happens.
-                    sock.sendall(render_reply(error_reply(ProtocolError(
-                        400, "request ended before it was complete; nothing done"))))
+                    sendall_within(sock, render_reply(error_reply(ProtocolError(
+                        400, "request ended before it was complete; nothing done"))), config.WRITE_TIMEOUT)
                     raise ConnectionError("closed mid-request")
                 received += len(data)
                 refusal = self._feed(parse, data, received)
                 if refusal is not None:
-                    sock.sendall(_refusal(refusal, sock, data))
+                    sendall_within(sock, _refusal(refusal, sock, data), config.WRITE_TIMEOUT)
                     linger(sock)
                     raise ConnectionError("request refused")
         except OSError:
@@ -268,9 +287,12 @@ class LeanWaitServer:
         conn.sock = take_back(sock)
         self._respond(conn, parse.request, parse.parser.get_method(), parse.parser.get_http_version())
 
-    def _wait_for_request(self, conn: LeanPoll, patience: float) -> None:
+    def _wait_for_request(self, conn: LeanPoll) -> None:
         self._watch(conn, self._on_readable)
-        self._idle.set(conn, time.monotonic() + patience)
+        if conn.deadline is None:
+            self._idle.set(conn, time.monotonic() + self.line.config.WAIT_KEEPALIVE_TIMEOUT)
+        else:
+            self._starting.set(conn, conn.deadline)
 
     def _watch(self, conn: LeanPoll, callback) -> None:
         if conn.watcher is None:
@@ -325,10 +347,10 @@ class LeanWaitServer:
             self._after_send(conn, then)
 
     def _send_rest(self, conn: LeanPoll, data: bytes, then: str) -> None:
-        sock = lend(conn.sock, REQUEST_TIMEOUT)
+        sock = lend(conn.sock, None)
         conn.sock = None
         try:
-            sock.sendall(data)
+            sendall_within(sock, data, self.line.config.WRITE_TIMEOUT)
         except OSError:
             sock.close()
             self._drop(conn)
@@ -339,9 +361,14 @@ class LeanWaitServer:
     def _after_send(self, conn: LeanPoll, then: str) -> None:
         if then == _PARK:
             self._park(conn)
+        elif then == _IDLE and conn.early is not None:
+            # A request sent before this answer: refused, not silently dropped.
+            conn.early = None
+            self._send(conn, _SENT_EARLY, _LINGER)
         elif then == _IDLE:
             conn.cursors = {}
-            self._wait_for_request(conn, KEEPALIVE_IDLE)
+            conn.deadline = None
+            self._wait_for_request(conn)
         elif then == _LINGER:
             gevent.spawn(self._linger_and_close, conn)
         else:
@@ -349,7 +376,7 @@ class LeanWaitServer:
 
     def _linger_and_close(self, conn: LeanPoll) -> None:
         """After refusing a request the client may still be sending: let it read the refusal."""
-        sock = lend(conn.sock, REQUEST_TIMEOUT)
+        sock = lend(conn.sock, None)
         conn.sock = None
         linger(sock)
         sock.close()
@@ -387,12 +414,28 @@ class LeanWaitServer:
         self._send(conn, self._framed, _IDLE)
 
     def _on_parked_readable(self, conn: LeanPoll) -> None:
-        gone = peer_closed(conn.sock)
-        if gone is None:
+        # Whatever the client sends is read, so that its leaving is
+        # noticed at once however many bytes came before it.
+        try:
+            data = conn.sock.recv(READ_SIZE)
+        except BlockingIOError:
             return
-        conn.watcher.stop()
-        if gone:
+        except OSError:
+            data = b""
+        if not data:
             self._drop(conn)
+            return
+        conn.early = data if conn.early is None else conn.early + data
+        if len(conn.early) > MAX_PARKED_INPUT:
+            # The poll ends with nothing, and the connection is refused.
+            conn.parked = False
+            self._parked.cancel(conn)
+            self.state.unlisten(conn)
+            conn.watcher.stop()
+            if conn.keep_alive:
+                self._send(conn, _LAST_CHUNK, _IDLE)
+            else:
+                self._close(conn)
 
     def _drop(self, conn: LeanPoll) -> None:
         """The client left: forget its poll and close."""
@@ -404,6 +447,7 @@ class LeanWaitServer:
 
     def _close(self, conn: LeanPoll) -> None:
         self._idle.cancel(conn)
+        self._starting.cancel(conn)
         close_connection(conn)
 
     # -- timeouts ------------------------------------------------------------
@@ -417,6 +461,9 @@ class LeanWaitServer:
                 self._send(conn, _LAST_CHUNK, _IDLE)
             else:
                 self._close(conn)
+        for conn in self._starting.pop_due(now):
+            conn.watcher.stop()
+            self._send(conn, _request_timeout(self.line.config.WAIT_REQUEST_TIMEOUT), _CLOSE)
         for conn in self._idle.pop_due(now):
             self._close(conn)
 
@@ -437,6 +484,27 @@ def _refusal(error: ProtocolError, sock, data: bytes) -> bytes:
             address = None
         bad_request("WAIT %s: 400 %s: %s", peer(address), error.reason, escape(data))
     return render_reply(error_reply(error))
+
+
+def _recv_by(sock, deadline: float) -> bytes | None:
+    """The next bytes from a lent socket, or None once ``deadline`` (monotonic) has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return None
+    sock.settimeout(left)
+    try:
+        return sock.recv(READ_SIZE)
+    except TimeoutError:
+        return None
+
+
+_SENT_EARLY = render_reply(error_reply(ProtocolError(
+    400, "a request sent before the previous poll's answer is not served: send it after the answer")))
+
+
+def _request_timeout(seconds: float) -> bytes:
+    return render_reply(error_reply(ProtocolError(
+        408, f"no complete request within WAIT_REQUEST_TIMEOUT ({seconds:g} s)")))
 
 
 def _parser_goes_on(version: str, request: _Request) -> bool:

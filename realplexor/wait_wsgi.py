@@ -8,11 +8,13 @@ standalone server runs it under gevent's WSGIServer with
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import socket
 from decimal import Decimal
 from typing import Callable, Iterable, Iterator
 
+import gevent
 from gevent.event import Event
 from gevent.hub import get_hub
 from gevent.pywsgi import WSGIHandler
@@ -26,17 +28,37 @@ from .wait import FIRST_BYTES, ReadBody, Reply, WaitLine, error_reply, render_re
 StartResponse = Callable[..., object]
 _CLOSE = (("Connection", "close"),)
 _READ = 1
+_READ_SIZE = 8192
+# Bytes a client may send while its poll waits (a request sent too
+# early); more, and the poll is ended and the connection refused.
+MAX_PARKED_INPUT = 4096
+_SENT_EARLY = render_reply(error_reply(ProtocolError(
+    400, "a request sent before the previous poll's answer is not served: send it after the answer")))
+
+
+class _RequestTimedOut(BaseException):
+    """Raised in a handler's greenlet: the request did not arrive whole in time.
+
+    A BaseException, so that pywsgi's handling of broken requests does
+    not take it for one.
+    """
+
+
+class _AnswerNotTaken(BaseException):
+    """Raised in a handler's greenlet: the client did not take an answer in time."""
 
 
 class WaitListener:
-    """A parked long poll: its cursors, and the Event that wakes it."""
+    """A parked long poll: its cursors, the Event that wakes it, and what
+    its client sent while it waited (``early``)."""
 
-    __slots__ = ("cursors", "body", "event")
+    __slots__ = ("cursors", "body", "event", "early")
 
     def __init__(self, cursors: dict[str, Decimal | None]):
         self.cursors = cursors
         self.body: bytes | None = None
         self.event = Event()
+        self.early: bytes | None = None
 
     def deliver(self, body: bytes) -> None:
         """Hand the body over and wake the waiting greenlet."""
@@ -60,10 +82,14 @@ class WaitApp:
             lambda name: environ.get("HTTP_" + name.upper().replace("-", "_"))
             if name != "content-length" else environ.get("CONTENT_LENGTH"),
             _body_reader(environ))
+        request_read = environ.get("realplexor.request_read")
+        if request_read is not None:
+            request_read()
         if isinstance(result, Reply):
             start_response(result.status, list(result.headers))
             return [result.body]
         listener = WaitListener(result.listened())
+        environ["realplexor.listener"] = listener
         body = self.state.listen(listener)
         headers = self.line.poll_headers(environ.get("HTTP_ORIGIN"))
         if not wants_keep_alive(environ.get("SERVER_PROTOCOL", ""), environ.get("HTTP_CONNECTION")):
@@ -71,9 +97,9 @@ class WaitApp:
         start_response("200 OK", list(headers))
         if body is not None:
             return [FIRST_BYTES + body]
-        return self._long_poll(listener, _client_socket(environ))
+        return self._long_poll(listener, _client_socket(environ), "realplexor.socket" in environ)
 
-    def _long_poll(self, listener: WaitListener, sock: socket.socket | None) -> Iterator[bytes]:
+    def _long_poll(self, listener: WaitListener, sock: socket.socket | None, ours: bool) -> Iterator[bytes]:
         watcher = _watch_for_hangup(sock, self.state, listener) if sock is not None else None
         try:
             yield FIRST_BYTES
@@ -86,6 +112,11 @@ class WaitApp:
                 watcher.stop()
             if listener.body is None:
                 self.state.unlisten(listener)
+            if listener.early is not None and sock is not None and not ours:
+                # Under another server (gunicorn), the bytes read while
+                # waiting are gone from its reader: let it see the end.
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RD)
 
 
 def _body_reader(environ: dict) -> ReadBody:
@@ -99,6 +130,8 @@ def _body_reader(environ: dict) -> ReadBody:
     def read_body(limit: int) -> bytes:
         try:
             return read(limit)
+        except _RequestTimedOut:
+            raise ProtocolError(408, "no complete request within WAIT_REQUEST_TIMEOUT") from None
         except OSError:
             if environ.get("CONTENT_LENGTH"):
                 raise ProtocolError(400, "request ended before its Content-Length; nothing done") from None
@@ -125,6 +158,7 @@ def _client_socket(environ: dict) -> socket.socket | None:
     return environ.get("realplexor.socket") or environ.get("gunicorn.socket")
 
 
+
 def _watch_for_hangup(sock: socket.socket, state: ChannelState, listener: WaitListener):
     """Unregister ``listener`` as soon as its client closes the connection."""
     raw = getattr(sock, "_sock", sock)
@@ -134,11 +168,21 @@ def _watch_for_hangup(sock: socket.socket, state: ChannelState, listener: WaitLi
         return None
 
     def readable() -> None:
-        gone = peer_closed(raw)
-        if gone is None:
+        # Whatever the client sends is read, so that its leaving is
+        # noticed at once however many bytes came before it.
+        try:
+            data = raw.recv(_READ_SIZE)
+        except BlockingIOError:
             return
+        except OSError:
+            data = b""
+        if data:
+            listener.early = data if listener.early is None else listener.early + data
+            if len(listener.early) <= MAX_PARKED_INPUT:
+                return
+        # Gone, or too much sent: the poll ends with nothing.
         watcher.stop()
-        if gone and listener.body is None:
+        if listener.body is None:
             state.unlisten(listener)
             listener.event.set()
 
@@ -162,6 +206,8 @@ class LongPollHandler(WSGIHandler):
 
     READ_BUFFER = 1024
     _held: bytearray | None = None
+    _served = False
+    _request_timer: gevent.Timeout | None = None
 
     def __init__(self, sock, address, server):  # pylint: disable=super-init-not-called
         # pywsgi's own __init__ would allocate the 8 KB reader we avoid.
@@ -175,7 +221,32 @@ class LongPollHandler(WSGIHandler):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def handle_one_request(self):
-        result = super().handle_one_request()
+        config = self.server.application.line.config
+        if self._served and not self._next_request_begins(config.WAIT_KEEPALIVE_TIMEOUT):
+            return None     # idle for the keep-alive timeout, or gone
+        self._served = True
+        # The request line, headers and body must all arrive by this deadline;
+        # the application ends it once it has read them (realplexor.request_read).
+        timer = self._request_timer = gevent.Timeout(config.WAIT_REQUEST_TIMEOUT, _RequestTimedOut)
+        timer.start()
+        try:
+            result = super().handle_one_request()
+        except _RequestTimedOut:
+            with contextlib.suppress(OSError):
+                self._send_by_deadline(render_reply(error_reply(ProtocolError(
+                    408, f"no complete request within WAIT_REQUEST_TIMEOUT "
+                         f"({config.WAIT_REQUEST_TIMEOUT:g} s)"))))
+            return None
+        finally:
+            timer.close()
+        listener = (getattr(self, "environ", None) or {}).get("realplexor.listener")
+        if listener is not None and listener.early is not None:
+            # Bytes came while the poll waited: refuse them, then close.
+            if result is True:
+                with contextlib.suppress(OSError):
+                    self._send_by_deadline(_SENT_EARLY)
+                    linger(self.socket)
+            return None
         if isinstance(result, tuple):
             # A request pywsgi cannot read: answer it here, then close gently.
             self.status, body = result
@@ -198,9 +269,19 @@ class LongPollHandler(WSGIHandler):
         bad_request("WAIT %s: 400 malformed HTTP request: %s", peer(self.client_address), escape(message))
         return "400", render_reply(error_reply(ProtocolError(400, f"malformed HTTP request: {what}")))
 
+    def _next_request_begins(self, patience: float) -> bool:
+        """Wait up to ``patience`` s for a kept-alive connection's next request."""
+        with gevent.Timeout(patience, False):
+            try:
+                return bool(self.rfile.peek(1))
+            except (OSError, ValueError):
+                return False
+        return False
+
     def get_environ(self) -> dict:
         environ = super().get_environ()
         environ["realplexor.socket"] = self.socket
+        environ["realplexor.request_read"] = self._request_timer.close
         return environ
 
     def finalize_headers(self) -> None:
@@ -217,10 +298,20 @@ class LongPollHandler(WSGIHandler):
         finally:
             held, self._held = self._held, None
             if held:
-                super()._sendall(bytes(held))
+                self._send_by_deadline(bytes(held))
 
     def _sendall(self, data: bytes) -> None:
         if self._held is not None:
             self._held += data
         else:
-            super()._sendall(data)
+            self._send_by_deadline(data)
+
+    def _send_by_deadline(self, data: bytes) -> None:
+        # However slowly the client reads, an answer must be taken by
+        # WRITE_TIMEOUT; pywsgi takes EPIPE as a client gone, quietly.
+        seconds = self.server.application.line.config.WRITE_TIMEOUT
+        try:
+            with gevent.Timeout(seconds, _AnswerNotTaken):
+                super()._sendall(data)
+        except _AnswerNotTaken:
+            raise OSError(errno.EPIPE, f"answer not taken within WRITE_TIMEOUT ({seconds:g} s)") from None

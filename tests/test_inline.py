@@ -502,3 +502,24 @@ def test_the_same_content_length_twice_is_taken(server, cid):
     head = f"POST / HTTP/1.1\r\nX-Realplexor: identifier={cid}a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n"
     assert parse_response(server.in_raw(head.encode() + b'"x"')).status == 200
     assert json.loads(poll.response().body[3:])[0]["data"] == "x"
+
+
+def test_in_timeout_bounds_the_whole_request_however_it_trickles(server_factory, cid):
+    server = server_factory(IN_TIMEOUT=1)
+    body = b'"' + b"x" * 100 + b'"'
+    head = f"POST / HTTP/1.1\r\nContent-Length: {len(body)}\r\nX-Realplexor: identifier={cid}a\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.in_port), timeout=TIMEOUT) as sock:
+        sock.sendall(head.encode())
+        sock.settimeout(0.3)
+        started, reply = time.monotonic(), b""
+        for byte in body:
+            try:
+                sock.sendall(bytes([byte]))            # a byte at a time, each well within IN_TIMEOUT
+                reply = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if reply:
+                break
+    assert parse_response(reply).status == 408

@@ -426,16 +426,27 @@ class KeptAlive:
 
     def read_response(self):
         """One response, chunked or with a Content-Length: (head, body)."""
+        head, body = self.read_response_head_or_whole()
+        if body is None:
+            _, body = self.finish_chunked(b"")
+        return head, body
+
+    def read_response_head_or_whole(self):
+        """(head, body) of a Content-Length response, or (head, None) of a chunked one."""
         while b"\r\n\r\n" not in self.buf:
             self._fill()
         head, _, self.buf = self.buf.partition(b"\r\n\r\n")
         length = parse_response(head + b"\r\n\r\n").headers.get("content-length")
-        if length is not None:
-            while len(self.buf) < int(length):
-                self._fill()
-            body, self.buf = self.buf[:int(length)], self.buf[int(length):]
-            return head.decode(), body
-        body = b""
+        if length is None:
+            return head.decode(), None
+        while len(self.buf) < int(length):
+            self._fill()
+        body, self.buf = self.buf[:int(length)], self.buf[int(length):]
+        return head.decode(), body
+
+    def finish_chunked(self, body: bytes):
+        """The rest of a chunked body whose head was read: (None, whole body)."""
+        body = body or b""
         while True:
             while b"\r\n" not in self.buf:
                 self._fill()
@@ -446,7 +457,7 @@ class KeptAlive:
                 size_line, _, rest = self.buf.partition(b"\r\n")
             self.buf = rest[size + 2:]
             if size == 0:
-                return head.decode(), body
+                return None, body
             body += rest[:size]
 
     def close(self):
@@ -723,3 +734,110 @@ def test_post_body_ending_early_is_a_400_not_a_500(server, cid, framing, ending)
     assert server.online(cid) == {}
     log = "\n".join(server.settled_log()[seen:])
     assert "Traceback" not in log and " ERROR " not in log, log
+
+
+# -- hostile clients: ghosts, trickles, early requests, readers that never read --
+
+def test_a_poll_whose_client_sends_a_byte_and_leaves_is_gone_at_once(server, cid):
+    polls = [server.listen(f"{cid}a") for _ in range(3)]
+    assert server.online(cid) == {f"{cid}a": 3}
+    for poll in polls:
+        poll.sock.sendall(b"x")
+        poll.sock.close()
+    server.wait_until(lambda: server.online(cid) == {f"{cid}a": 0}, timeout=5)
+
+
+def test_a_request_sent_before_the_answer_is_refused_after_it(server, cid):
+    conn = KeptAlive(server.wait_port)
+    try:
+        conn.send_poll(f"identifier={cid}a")
+        server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
+        conn.send_poll(f"identifier={cid}b")          # too early: the first has no answer yet
+        server.publish(f"{cid}a", '"first"')
+        _, body = conn.read_response()
+        assert [p["data"] for p in json.loads(body)] == ["first"]
+        # Unless the early poll reached the server only after the answer left
+        # (then it is simply served next), it is refused, and the connection closed.
+        head, body = conn.read_response_head_or_whole()
+        if head.startswith("HTTP/1.1 200"):
+            server.publish(f"{cid}b", '"second"')
+            _, body = conn.finish_chunked(body)
+            assert [p["data"] for p in json.loads(body)] == ["second"]
+        else:
+            assert head.startswith("HTTP/1.1 400") and b"after the answer" in body
+            assert read_to_eof(conn.sock, 5) == b""
+        assert server.online(cid).get(f"{cid}a") == 0
+    finally:
+        conn.close()
+
+
+def test_a_client_sending_kilobytes_while_parked_is_refused(server, cid):
+    conn = KeptAlive(server.wait_port)
+    try:
+        conn.send_poll(f"identifier={cid}a")
+        server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
+        conn.sock.sendall(b"z" * 5000)
+        _, body = conn.read_response()
+        assert body == b" \r\n"                        # the poll ends with nothing
+        head, _ = conn.read_response()
+        assert head.startswith("HTTP/1.1 400")
+        server.wait_until(lambda: server.online(cid) == {f"{cid}a": 0}, timeout=5)
+    finally:
+        conn.close()
+
+
+def test_a_trickled_request_gets_a_408_by_its_deadline(server_factory, cid):
+    server = server_factory(WAIT_REQUEST_TIMEOUT=1)
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        sock.sendall(f"GET /?identifier={cid}a HTTP/1.1\r\n".encode())
+        started = time.monotonic()
+        reply = b""
+        sock.settimeout(0.3)
+        while not reply and time.monotonic() - started < 8:
+            try:
+                sock.sendall(b"X")                     # a byte at a time, never a whole request
+                reply = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+    assert parse_response(reply).status == 408 and b"WAIT_REQUEST_TIMEOUT" in reply
+    assert server.online(cid) == {}
+
+
+def test_an_answer_not_taken_in_time_is_dropped(server_factory, cid):
+    server = server_factory(WRITE_TIMEOUT=1, IN_MAXLEN=3_000_000, WAIT_MAX_ANSWER=30_000_000)
+    for _ in range(8):      # 20 MB: more than the kernel's buffers on both sides hold
+        server.publish(f"{cid}a", json.dumps("x" * 2_500_000))
+    big = b"x" * 20_000_000
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", server.wait_port))
+    try:
+        sock.sendall(f"GET /?identifier=0:{cid}a HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        # Take nothing for well past WRITE_TIMEOUT, then read what is left.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+        got = b""
+        try:
+            got = read_to_eof(sock, 10)
+        except ConnectionResetError:
+            pass
+        assert len(got) < len(big)
+    finally:
+        sock.close()
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(server_factory, cid):
+    server = server_factory(WAIT_KEEPALIVE_TIMEOUT=0.5)
+    server.publish(f"{cid}a", '"x"')
+    conn = KeptAlive(server.wait_port)
+    try:
+        conn.send_poll(f"identifier=0:{cid}a")
+        conn.read_response()
+        conn.sock.settimeout(5)
+        assert conn.sock.recv(100) == b""              # closed by the server, not by the timeout here
+    finally:
+        conn.close()
