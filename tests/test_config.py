@@ -60,6 +60,7 @@ def test_relative_files_are_relative_to_the_config_file(tmp_path):
     ({"IN_ADDR": ["localhost"]}, "IN_ADDR: 'localhost' is not host:port"),
     ({"IN_ADDR": ["1.2.3.4:99999"]}, "IN_ADDR"),
     ({"MAX_DATA_FOR_ID": 0}, "MAX_DATA_FOR_ID must be at least 1"),
+    ({"MAX_MEM_MB": 63}, "MAX_MEM_MB must be 0 (off) or at least 64, not 63"),
     ({"VERBOSITY": 4}, "VERBOSITY must be 0..3"),
     ({"IDENTIFIER": "a b"}, "IDENTIFIER must be a word"),
     ({"CHARSET": "klingon"}, "unknown charset"),
@@ -91,3 +92,8 @@ def test_substitutions_render_every_option():
     values = Config().substitutions()
     assert values["WAIT_TIMEOUT"] == "300" and values["JS_DEBUG"] == "false"
     assert values["JS_WAIT_RECONNECT_DELAY"] == "0.01" and values["WAIT_ADDR"] == "127.0.0.1:8088"
+
+
+def test_max_mem_mb_is_off_or_above_an_idle_server():
+    assert validate({"MAX_MEM_MB": 0}).MAX_MEM_MB == 0
+    assert validate({"MAX_MEM_MB": 64}).MAX_MEM_MB == 64

@@ -37,6 +37,15 @@ def test_check_config_names_the_problem(tmp_path):
     assert (result.returncode, result.stderr.strip()) == (1, "realplexor: option OFFLINE_TIMEOUT must be at least 0, not -1.0")
 
 
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_max_mem_mb_below_an_idle_server_is_refused(tmp_path, check):
+    config = write_config(tmp_path / "c.toml", MAX_MEM_MB=20)
+    result = run_cli("--config", str(config), *(["--check-config"] if check else []))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "realplexor: option MAX_MEM_MB must be 0 (off) or at least 64, not 20"]
+
+
 def test_pidfile_written_after_binding_and_removed_on_exit(tmp_path):
     pidfile = tmp_path / "rpl.pid"
     process, output = spawn([sys.executable, "-m", "realplexor", "--config",
