@@ -7,9 +7,11 @@ import sys
 
 from . import __version__
 from .config import ConfigError, load_config
-from .lifecycle import Daemon, Restart, Supervisor, configure_logging
+from .handoff import RESTART_STATUS, Handoff, HandoffError
+from .lifecycle import Daemon, Restart, configure_logging
 from .migration import convert
 from .server import Realplexor, StartError
+from .supervisor import Supervisor
 
 CONVERT_CONFIG = "convert-config"
 
@@ -84,14 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.check_config:
             return check_config(args.config)
+        handoff = Handoff.take_from(os.environ)
         config = load_config(args.config)
         configure_logging(config.VERBOSITY)
-        supervised = os.environ.get(Supervisor.ENV_FLAG) == "1"
-        if config.MAX_MEM_MB and not supervised:
-            return Supervisor(argv, args.pidfile).run()
-        return Daemon(config, args.config, args.pidfile, supervised).run()
-    except (ConfigError, StartError) as exc:
+        if handoff is None and config.MAX_MEM_MB:
+            return Supervisor(config, argv, args.pidfile).run()
+        # A supervised server leaves the pidfile, naming the supervisor, to it.
+        return Daemon(config, args.config, None if handoff else args.pidfile, handoff).run()
+    except (ConfigError, StartError, HandoffError) as exc:
         print(f"realplexor: {exc}", file=sys.stderr)
         return 1
     except Restart:
-        return Supervisor.RESTART_STATUS
+        return RESTART_STATUS

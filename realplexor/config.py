@@ -91,6 +91,9 @@ _NUMBER_MINIMUMS = {
     "MAX_DATA_FOR_ID": 1, "CLEAN_ID_AFTER": 0.001, "JS_MAX_BOUNCES": 0,
     "JS_WAIT_RECONNECT_DELAY": 0, "MAX_MEM_MB": 0, "VERBOSITY": 0, "MAX_QUEUE_MB": 0.001,
 }
+# An idle server's resident memory is about 35 MB; a MAX_MEM_MB below this
+# floor would restart a fresh server over and over.
+MAX_MEM_MB_FLOOR = 64
 _WORD_OPTIONS = ("IFRAME_ID", "SCRIPT_ID", "IDENTIFIER")
 _URI_RE = re.compile(r"[A-Za-z0-9/._~%:+-]+\Z")
 
@@ -172,6 +175,9 @@ def _check_ranges(config: Config) -> None:
     for name, minimum in _NUMBER_MINIMUMS.items():
         if getattr(config, name) < minimum:
             raise ConfigError(f"option {name} must be at least {minimum}, not {getattr(config, name)!r}")
+    if 0 < config.MAX_MEM_MB < MAX_MEM_MB_FLOOR:
+        raise ConfigError(f"option MAX_MEM_MB must be 0 (off) or at least {MAX_MEM_MB_FLOOR}, "
+                          f"not {config.MAX_MEM_MB!r}")
     if config.VERBOSITY > 3:
         raise ConfigError(f"option VERBOSITY must be 0..3, not {config.VERBOSITY!r}")
     for name in ("WAIT_ADDR", "IN_ADDR"):

@@ -12,8 +12,6 @@ import os
 import pwd
 import resource
 import signal
-import subprocess
-import sys
 from collections import deque
 from typing import Callable
 
@@ -21,6 +19,7 @@ import gevent
 from gevent.event import Event
 
 from .config import LOG_LEVELS, VERBOSE, Config, ConfigError, load_config
+from .handoff import Handoff
 from .server import Realplexor, StartError
 
 log = logging.getLogger("realplexor")
@@ -187,15 +186,19 @@ class MemoryGuard:
 
 
 class Daemon:
-    """One server process: start, serve until told to stop, reload on HUP."""
+    """One server process: start, serve until told to stop, reload on HUP.
+
+    With a ``handoff`` it runs under the supervisor: it serves the sockets
+    handed to it, says when it serves, ends with the supervisor, and
+    watches MAX_MEM_MB. The supervisor keeps the pidfile then.
+    """
 
     def __init__(self, config: Config, config_path: str | None = None,
-                 pidfile: str | None = None, supervised: bool = False):
+                 pidfile: str | None = None, handoff: Handoff | None = None):
         self.config = config
         self.config_path = config_path
-        self.supervised = supervised
-        # A supervised server's pidfile names the supervisor, which signals reach.
-        self.pidfile = PidFile(pidfile, os.getppid() if supervised else None) if pidfile else None
+        self.handoff = handoff
+        self.pidfile = PidFile(pidfile) if pidfile else None
         if self.pidfile:
             self.pidfile.check_free()
         self.server = Realplexor(config)
@@ -204,7 +207,7 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; the exit status. Raises Restart."""
-        if self.supervised:
+        if self.handoff:
             end_with_parent()
         # Handlers first: a signal that comes while binding is queued, not fatal.
         handlers = [gevent.signal_handler(signum, self._queue, name)
@@ -213,14 +216,18 @@ class Daemon:
         started = False
         try:
             raise_file_limit()
-            self.server.start()
+            self.server.start(inherited=self.handoff.listeners if self.handoff else None)
             started = True
             tune_gc()
             if self.pidfile:
                 self.pidfile.write()
             drop_privileges(self.config.SU_USER)
-            if self.supervised and self.config.MAX_MEM_MB:
+            if self.handoff and self.config.MAX_MEM_MB:
                 guard = MemoryGuard(self.config.MAX_MEM_MB, self._memory_exceeded)
+            if self.handoff:
+                # Before the log line, so that a server killed right after
+                # it still counts as one that served.
+                self.handoff.notify_ready()
             log.info("realplexor started (pid %d)", os.getpid())
             while True:
                 self._wakeup.wait()
@@ -234,7 +241,7 @@ class Daemon:
             for handler in handlers:
                 handler.cancel()
             self.server.stop()
-            if self.pidfile and not self.supervised:
+            if self.pidfile:
                 self.pidfile.remove()
             if started:
                 log.info("realplexor stopped")
@@ -276,51 +283,3 @@ class Daemon:
             log.warning("reload: %s changed but take effect only after a restart",
                         ", ".join(pending))
         return False
-
-
-class Supervisor:
-    """Runs the server as a child and starts a fresh one when it asks.
-
-    Used when MAX_MEM_MB is set: a server over its memory limit exits with
-    RESTART_STATUS and is started again at once (as root when the
-    supervisor is root, so it can bind privileged ports and drop to
-    SU_USER again). SIGTERM, SIGINT and SIGHUP are passed on to the child.
-    """
-
-    RESTART_STATUS = 75
-    ENV_FLAG = "REALPLEXOR_SUPERVISED"
-
-    def __init__(self, argv: list[str], pidfile: str | None = None):
-        self.argv = argv
-        self.pidfile = PidFile(pidfile) if pidfile else None
-        self._child: subprocess.Popen | None = None
-        self._stopping = False
-
-    def run(self) -> int:
-        """Keep a server running until it stops for another reason; its status."""
-        if self.pidfile:
-            self.pidfile.check_free()
-        for signum in _SIGNALS:
-            signal.signal(signum, self._forward)
-        try:
-            while not self._stopping:
-                self._child = subprocess.Popen(
-                    [sys.executable, "-m", "realplexor", *self.argv],
-                    env={**os.environ, self.ENV_FLAG: "1"})
-                status = self._child.wait()
-                if self._stopping:
-                    # A child told to stop before its handlers were in place dies of the signal.
-                    return 0 if status in (0, -signal.SIGTERM, -signal.SIGINT) else status
-                if status != self.RESTART_STATUS:
-                    return status
-                log.warning("server %d exited over MAX_MEM_MB; starting a fresh one", self._child.pid)
-            return 0
-        finally:
-            if self.pidfile:
-                self.pidfile.remove()
-
-    def _forward(self, signum: int, _frame) -> None:
-        if signum != signal.SIGHUP:
-            self._stopping = True
-        if self._child is not None and self._child.poll() is None:
-            self._child.send_signal(signum)

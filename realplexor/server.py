@@ -12,6 +12,7 @@ from gevent.pywsgi import WSGIServer
 from .auth import Users
 from .channels import ChannelState, MemoryChannels, Settings, event_log_len
 from .config import RESTART_ONLY, Config, ConfigError, parse_address
+from .handoff import Listeners
 from .inline import InLine, InServer
 from .pages import load_pages
 from .wait import WaitLine
@@ -31,20 +32,35 @@ class StartError(Exception):
     """The server cannot start: a port in use, an unreadable file..."""
 
 
-def listen_socket(host: str, port: int, defer_accept: bool = False) -> socket.socket:
-    """A bound, listening socket with a large backlog.
-
-    With ``defer_accept`` (Linux) a connection is accepted only once its
-    request bytes have arrived, so no greenlet waits on an empty socket.
-    """
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A plain bound, listening socket with a large backlog."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(LISTEN_BACKLOG)
-        if defer_accept and hasattr(socket, "TCP_DEFER_ACCEPT"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_socket(host: str, port: int, defer_accept: bool = False,
+                  fd: int | None = None) -> gevent.socket.socket:
+    """A listening socket for a line: bound here, or the inherited ``fd``.
+
+    With ``defer_accept`` (Linux) a connection is accepted only once its
+    request bytes have arrived, so no greenlet waits on an empty socket.
+    """
+    if fd is None:
+        fd = bind_listener(host, port).detach()
+    sock = gevent.socket.socket(fileno=fd)
+    try:
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            # Set either way: an inherited socket keeps what the last server set.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
+                            DEFER_ACCEPT_SECONDS if defer_accept else 0)
     except OSError:
         sock.close()
         raise
@@ -89,19 +105,34 @@ class Realplexor:
         self.in_servers: list[InServer] = []
         self._housekeeper: gevent.Greenlet | None = None
 
-    def start(self, wait_line: bool = True) -> None:
-        """Bind every WAIT_ADDR (unless ``wait_line`` is False) and IN_ADDR, and serve."""
+    def start(self, wait_line: bool = True, inherited: Listeners | None = None) -> None:
+        """Listen on every WAIT_ADDR (unless ``wait_line`` is False) and IN_ADDR, and serve.
+
+        With ``inherited`` (from a supervisor) the server serves those
+        sockets instead of binding its own.
+        """
         try:
             if wait_line:
-                for addr in self.config.WAIT_ADDR:
-                    self.wait_servers.append(self._bind("WAIT_ADDR", addr, self._wait_server))
-            for addr in self.config.IN_ADDR:
+                for addr, fd in self._listeners("WAIT_ADDR", inherited):
+                    self.wait_servers.append(self._bind("WAIT_ADDR", addr, self._wait_server, fd))
+            for addr, fd in self._listeners("IN_ADDR", inherited):
                 self.in_servers.append(self._bind("IN_ADDR", addr, lambda listener: InServer(
-                    listener, self.in_line)))
+                    listener, self.in_line), fd))
         except StartError:
             self.stop()
             raise
         self._housekeeper = gevent.spawn(self._housekeep)
+
+    def _listeners(self, option: str, inherited: Listeners | None) -> list[tuple[str, int | None]]:
+        configured = getattr(self.config, option)
+        if inherited is None:
+            return [(addr, None) for addr in configured]
+        held = inherited[option]
+        if tuple(addr for addr, _ in held) != configured:
+            # The supervisor bound its sockets once, from the configuration it started with.
+            log.warning("%s changed but takes effect only once realplexor is stopped and started; "
+                        "serving %s", option, ", ".join(addr for addr, _ in held))
+        return held
 
     def _wait_server(self, listener):
         if self.config.WAIT_ENGINE == "lean":
@@ -109,13 +140,13 @@ class Realplexor:
         return WSGIServer(listener, self.wait_app, handler_class=LongPollHandler, log=None,
                           error_log=logging.getLogger("realplexor.wsgi"))
 
-    def _bind(self, option: str, addr: str, make):
+    def _bind(self, option: str, addr: str, make, fd: int | None = None):
         try:
             # Deferred accept suits the lean engine, which reads the request in
             # the accept callback; under the WSGI engine a burst of thousands of
             # connects left some unaccepted for over a minute, so it is not used.
             defer = option == "WAIT_ADDR" and self.config.WAIT_ENGINE == "lean"
-            server = make(listen_socket(*parse_address(addr, option), defer_accept=defer))
+            server = make(listen_socket(*parse_address(addr, option), defer_accept=defer, fd=fd))
             server.start()
         except ConfigError as exc:
             raise StartError(str(exc)) from None

@@ -63,6 +63,7 @@ def test_relative_files_are_relative_to_the_config_file(tmp_path):
     ({"IN_ADDR": ["localhost"]}, "IN_ADDR: 'localhost' is not host:port"),
     ({"IN_ADDR": ["1.2.3.4:99999"]}, "IN_ADDR"),
     ({"MAX_DATA_FOR_ID": 0}, "MAX_DATA_FOR_ID must be at least 1"),
+    ({"MAX_MEM_MB": 63}, "MAX_MEM_MB must be 0 (off) or at least 64, not 63"),
     ({"VERBOSITY": 4}, "VERBOSITY must be 0..3"),
     ({"IDENTIFIER": "a b"}, "IDENTIFIER must be a word"),
     ({"CHARSET": "klingon"}, "unknown charset"),
@@ -113,3 +114,8 @@ def test_example_file_names_every_option_with_its_default():
         if re.match(r"(# )?[A-Z_]+ = ", line):
             assert lines[number - 1].startswith("# ") and not re.match(r"# [A-Z_]+ = ", lines[number - 1]), line
     assert load_config(str(EXAMPLE)) == Config()
+
+
+def test_max_mem_mb_is_off_or_above_an_idle_server():
+    assert validate({"MAX_MEM_MB": 0}).MAX_MEM_MB == 0
+    assert validate({"MAX_MEM_MB": 64}).MAX_MEM_MB == 64

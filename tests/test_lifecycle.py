@@ -1,7 +1,6 @@
-"""Process life for real: pidfile, --check-config, SU_USER, file limit, MAX_MEM_MB."""
+"""Process life for real: pidfile, --check-config, SU_USER, file limit, MAX_MEM_MB checks."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import resource
@@ -35,6 +34,15 @@ def test_check_config_names_the_problem(tmp_path):
     bad.write_text("OFFLINE_TIMEOUT = -1\n")
     result = run_cli("--config", str(bad), "--check-config")
     assert (result.returncode, result.stderr.strip()) == (1, "realplexor: option OFFLINE_TIMEOUT must be at least 0, not -1.0")
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check-config", "start"])
+def test_max_mem_mb_below_an_idle_server_is_refused(tmp_path, check):
+    config = write_config(tmp_path / "c.toml", MAX_MEM_MB=20)
+    result = run_cli("--config", str(config), *(["--check-config"] if check else []))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "realplexor: option MAX_MEM_MB must be 0 (off) or at least 64, not 20"]
 
 
 def test_pidfile_written_after_binding_and_removed_on_exit(tmp_path):
@@ -104,37 +112,6 @@ def test_unknown_su_user_is_a_clear_error(tmp_path):
     result = run_cli("--config", str(write_config(tmp_path / "c.toml", SU_USER="no_such_user_x")))
     assert result.returncode == 1
     assert "SU_USER 'no_such_user_x' is not a user" in result.stderr
-
-
-def test_max_mem_mb_restarts_a_fresh_server(tmp_path, cid):
-    wait_port, in_port = free_port(), free_port()
-    pidfile = tmp_path / "rpl.pid"
-    config = write_config(tmp_path / "c.toml", WAIT_ADDR=[f"127.0.0.1:{wait_port}"],
-                          IN_ADDR=[f"127.0.0.1:{in_port}"], MAX_MEM_MB=90,
-                          MAX_DATA_FOR_ID=1000, IN_MAXLEN=3_000_000)
-    process, output = spawn([sys.executable, "-m", "realplexor", "--config", str(config),
-                             "--pidfile", str(pidfile)])
-    server = RunningServer(process, output, wait_port, in_port, config)
-    try:
-        first = int(output.wait_for(r"realplexor\[(\d+)\] INFO realplexor started").group(1))
-        assert pidfile.read_text().strip() == str(process.pid)
-        big = json.dumps("x" * 2_000_000)
-        for _ in range(40):
-            try:
-                server.in_http(f"{cid}big", big)
-            except OSError:  # the server went away to restart
-                break
-        output.wait_for(r"memory \d+ MB is over MAX_MEM_MB 90: restarting")
-        output.wait_for("starting a fresh one")
-        second = int(output.wait_for(r"realplexor\[(\d+)\] INFO realplexor started").group(1))
-        assert second != first
-        assert pidfile.read_text().strip() == str(process.pid)
-        poll = server.listen(f"{cid}a")
-        server.publish(f"{cid}a", '"after restart"')
-        assert json.loads(poll.response().body[3:])[0]["data"] == "after restart"
-    finally:
-        assert server.stop() == 0
-    assert not pidfile.exists()
 
 
 def test_supervised_server_ends_when_its_supervisor_is_killed(tmp_path):
