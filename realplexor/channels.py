@@ -16,9 +16,10 @@ import heapq
 import logging
 import time
 from collections import OrderedDict, deque
+from itertools import islice
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from sortedcontainers import SortedList
 
@@ -64,6 +65,8 @@ log = logging.getLogger("realplexor.channels")
 FAR_AHEAD = 86400
 # How many channels STATS lists.
 STATS_CHANNELS = 20
+# Channels one step of ONLINE or STATS reads: a few milliseconds of work.
+STEP_ITEMS = 5000
 # How many rendered answers to keep for identical polls (each at most WAIT_MAX_ANSWER).
 ANSWERS_KEPT = 8
 
@@ -109,6 +112,14 @@ class ChannelState(abc.ABC):
     @abc.abstractmethod
     def online(self, prefixes: Sequence[str] = ()) -> list[tuple[str, int]]:
         """Online channels (optionally with an id prefix) and their listener counts, by id."""
+
+    def online_steps(self, prefixes: Sequence[str] = ()) -> Iterator[list[tuple[str, int]]]:
+        """:meth:`online` in parts, each the work of a bounded step (consume between loop turns)."""
+        yield self.online(prefixes)
+
+    def stats_steps(self) -> Iterator[str]:
+        """:meth:`stats` in pieces of text, each the work of a bounded step ("" while working)."""
+        yield self.stats()
 
     @abc.abstractmethod
     def watch(self, after: int, prefixes: Sequence[str] = ()) -> list[tuple[str, int, str]]:
@@ -450,21 +461,24 @@ class MemoryChannels(ChannelState):
     # -- online and events -------------------------------------------------
 
     def online(self, prefixes: Sequence[str] = ()) -> list[tuple[str, int]]:
-        channels = self._channels
-        return [(channel_id, channels[channel_id].count()) for channel_id in self._online_in(prefixes)]
+        return [item for part in self.online_steps(prefixes) for item in part]
 
-    def _online_in(self, prefixes: Sequence[str]) -> Iterable[str]:
-        """Online ids under any of ``prefixes`` (all without), in order, each once."""
-        if not prefixes:
-            return self._online_ids
-        ranges = []
-        for prefix in sorted(set(prefixes)):
-            if ranges and prefix.startswith(ranges[-1]):
-                continue     # inside the range of a shorter prefix already taken
-            ranges.append(prefix)
-        # Channel ids are ASCII letters, digits and _, all below "\x7f".
-        return [channel_id for prefix in ranges
-                for channel_id in self._online_ids.irange(prefix, prefix + "\x7f")]
+    def online_steps(self, prefixes: Sequence[str] = ()) -> Iterator[list[tuple[str, int]]]:
+        # Each step reads at most STEP_ITEMS ids, going on after the last
+        # one given: channels that come and go between steps cannot make
+        # it skip or repeat one that stays.
+        ranges = [("", "\x7f")] if not prefixes else [(prefix, prefix + "\x7f") for prefix in _widest(prefixes)]
+        channels, online_ids = self._channels, self._online_ids
+        for low, high in ranges:
+            after = None
+            while True:
+                ids = list(islice(online_ids.irange(after or low, high, inclusive=(after is None, False)),
+                                  STEP_ITEMS))
+                if ids:
+                    yield [(channel_id, channels[channel_id].count()) for channel_id in ids]
+                if len(ids) < STEP_ITEMS:
+                    break
+                after = ids[-1]
 
     def watch(self, after: int, prefixes: Sequence[str] = ()) -> list[tuple[str, int, str]]:
         latest: dict[str, tuple[str, int]] = {}
@@ -524,22 +538,42 @@ class MemoryChannels(ChannelState):
         return self._listeners
 
     def stats(self) -> str:
-        lines = [f"channels: {len(self._channels)}",
+        return "".join(self.stats_steps())
+
+    def stats_steps(self) -> Iterator[str]:
+        yield "\n".join(self._stats_counts()) + "\n\n"
+        # The largest channels: a scan of every channel, STEP_ITEMS at a time.
+        ids = list(self._channels)
+        largest: list[tuple[int, int, str]] = []
+        for start in range(0, len(ids), STEP_ITEMS):
+            for channel_id in ids[start:start + STEP_ITEMS]:
+                channel = self._channels.get(channel_id)
+                if channel is not None:
+                    entry = (channel.count(), len(channel.queue or ()), channel_id)
+                    if len(largest) < STATS_CHANNELS:
+                        heapq.heappush(largest, entry)
+                    elif entry > largest[0]:
+                        heapq.heapreplace(largest, entry)
+            yield ""
+        lines = [f"largest channels (at most {STATS_CHANNELS}, by listeners, then queued):"]
+        for _, _, channel_id in sorted(largest, reverse=True):
+            channel = self._channels.get(channel_id)
+            if channel is None:
+                continue
+            newest = channel.queue[-1][1] if channel.queue else "-"
+            lines.append(f"[{channel_id}] online={'yes' if channel.online else 'no'} "
+                         f"listeners={channel.count()} queued={len(channel.queue or ())} "
+                         f"newest={newest}")
+        yield "\n".join(lines) + "\n"
+
+    def _stats_counts(self) -> list[str]:
+        return [f"channels: {len(self._channels)}",
                  f"listeners: {self._listeners}",
                  f"online: {len(self._online_ids)}",
                  f"going offline: {len(self._going_offline)}",
                  f"event position: {self._position}",
                  f"queued bytes: {self._queued_bytes} (MAX_QUEUE_MB {self.settings.max_queue_bytes / (1 << 20):g})",
-                 f"queues dropped over MAX_QUEUE_MB: {self._queue_guard.total}",
-                 "", f"largest channels (at most {STATS_CHANNELS}, by listeners, then queued):"]
-        largest = heapq.nlargest(STATS_CHANNELS, self._channels.items(),
-                                 key=lambda item: (item[1].count(), len(item[1].queue or ())))
-        for channel_id, channel in largest:
-            newest = channel.queue[-1][1] if channel.queue else "-"
-            lines.append(f"[{channel_id}] online={'yes' if channel.online else 'no'} "
-                         f"listeners={channel.count()} queued={len(channel.queue or ())} "
-                         f"newest={newest}")
-        return "\n".join(lines) + "\n"
+                 f"queues dropped over MAX_QUEUE_MB: {self._queue_guard.total}"]
 
 
 class QueueGuard:
@@ -611,6 +645,15 @@ def _within_cap(ordered: list[list], cap: int) -> list[list]:
         dropped = {id(part) for part in behind}
         kept = [part for part in kept if id(part) not in dropped]
         left += behind
+
+
+def _widest(prefixes: Sequence[str]) -> list[str]:
+    """The prefixes, sorted, without those inside a shorter one."""
+    kept: list[str] = []
+    for prefix in sorted(set(prefixes)):
+        if not kept or not prefix.startswith(kept[-1]):
+            kept.append(prefix)
+    return kept
 
 
 def _has_prefix(channel_id: str, prefixes: Sequence[str]) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import gevent
 from gevent.threadpool import ThreadPool
@@ -28,6 +28,10 @@ from .protocol import (MAX_NUMBER_DIGITS, InRequest, InRequestBuffer, ProtocolEr
                        render_watch)
 
 log = logging.getLogger("realplexor.inline")
+
+#: A reply still to be made, by calling it in a greenlet.
+Later = Callable[[], bytes]
+T = TypeVar("T")
 
 RECV_SIZE = 65536
 # Password hashes are checked in these many threads (bcrypt leaves the
@@ -52,22 +56,23 @@ class InLine:
         self.config = config
         self.users = users
 
-    def serve(self, request: InRequest, address: object = "-") -> bytes | None:
+    def serve(self, request: InRequest, address: object = "-") -> bytes | Later:
         """Authenticate and carry out one parsed request; the reply bytes.
 
-        None when a password must first be checked against its hash, which
-        takes milliseconds of CPU: call :meth:`serve_after_check` from a
-        greenlet, so the event loop serves others meanwhile.
+        Work that would hold the event loop up is handed back as a
+        :data:`Later`, to be called in a greenlet: a password to check
+        against its hash (milliseconds of CPU), or an ONLINE or STATS
+        answer over many channels (done in steps, letting others run).
         """
         try:
             principal = self.users.known(request.identifier.login, request.identifier.password)
         except ProtocolError as error:
             return self._refused(error, address)
         if principal is None:
-            return None
+            return lambda: self._serve_after_check(request, address)
         return self._serve_as(principal, request, address)
 
-    def serve_after_check(self, request: InRequest, address: object = "-") -> bytes:
+    def _serve_after_check(self, request: InRequest, address: object) -> bytes:
         """Check the request's password in a worker thread, then serve it (blocks the greenlet)."""
         if self._checks_waiting >= MAX_WAITING_CHECKS:
             return self._refused(ProtocolError(
@@ -80,7 +85,8 @@ class InLine:
             return self._refused(error, address)
         finally:
             self._checks_waiting -= 1
-        return self._serve_as(principal, request, address)
+        reply = self._serve_as(principal, request, address)
+        return reply if isinstance(reply, bytes) else reply()
 
     def _check_pool(self) -> ThreadPool:
         # Made on first use, in the process that serves (gunicorn forks after import).
@@ -88,7 +94,7 @@ class InLine:
             self._pool = ThreadPool(PASSWORD_CHECK_THREADS)
         return self._pool
 
-    def _serve_as(self, principal: Principal, request: InRequest, address: object) -> bytes:
+    def _serve_as(self, principal: Principal, request: InRequest, address: object) -> bytes | Later:
         try:
             if request.command is None:
                 return self._publish(principal, request, address)
@@ -124,10 +130,12 @@ class InLine:
                     ",".join(f"{c}@{t}" for c, t in placed))
         return _OK
 
-    def _online(self, principal: Principal, args: Sequence[str]) -> bytes:
+    def _online(self, principal: Principal, args: Sequence[str]) -> bytes | Later:
         prefixes = _scoped(principal, args)
-        counts = self.state.online(prefixes) if prefixes is not None else []
-        return render_in_reply(200, render_online(counts))
+        if prefixes is None:
+            return render_in_reply(200, "")
+        steps = self.state.online_steps(prefixes)
+        return lambda: render_in_reply(200, "".join(render_online(part) for part in _between_turns(steps)))
 
     def _watch(self, principal: Principal, args: Sequence[str]) -> bytes:
         after = _position(args[0]) if args else None
@@ -138,10 +146,11 @@ class InLine:
         events = self.state.watch(after, prefixes) if prefixes is not None else []
         return render_in_reply(200, render_watch(events))
 
-    def _stats(self, principal: Principal) -> bytes:
+    def _stats(self, principal: Principal) -> bytes | Later:
         if principal.login is not None:
             raise ProtocolError(403, "STATS is not available to logged-in clients")
-        return render_in_reply(200, self.state.stats())
+        steps = self.state.stats_steps()
+        return lambda: render_in_reply(200, "".join(_between_turns(steps)))
 
 
 class _Connection:
@@ -234,17 +243,16 @@ class InServer:
             self._wait_for_more(conn)
             return
         reply = self.line.serve(request, conn.address)
-        if reply is None:
-            self._answer_after_check(conn, request, eof)
-        else:
+        if isinstance(reply, bytes):
             self._answer(conn, reply, eof, early=False)
+        else:
+            self._answer_later(conn, reply, eof)
 
-    def _answer_after_check(self, conn: _Connection, request: InRequest, eof: bool) -> None:
+    def _answer_later(self, conn: _Connection, later: Later, eof: bool) -> None:
         if conn.watcher is not None:
             self._reading.cancel(conn)
             conn.watcher.stop()
-        gevent.spawn(lambda: self._answer(conn, self.line.serve_after_check(request, conn.address),
-                                          eof, early=False))
+        gevent.spawn(lambda: self._answer(conn, later(), eof, early=False))
 
     def _wait_for_more(self, conn: _Connection) -> None:
         if conn.watcher is None:
@@ -332,6 +340,13 @@ class InServer:
                      "nothing done")), eof=False, early=True)
         for conn in self._lingering.pop_due(now):
             self._close(conn)
+
+
+def _between_turns(steps: Iterator[T]) -> Iterator[T]:
+    """The items of ``steps``, letting the event loop serve others between them (in a greenlet)."""
+    for item in steps:
+        yield item
+        gevent.sleep(0)
 
 
 def _position(text: str) -> int | None:

@@ -464,3 +464,22 @@ def test_online_with_many_prefixes_does_not_scan_every_channel(make_state):
         return best
 
     assert cost(64000) / cost(4000) < 4
+
+
+def test_online_and_stats_come_in_bounded_steps_that_miss_nothing(make_state):
+    from realplexor.channels import STEP_ITEMS
+
+    state = make_state()
+    count = STEP_ITEMS * 2 + 10
+    state.listen(Recorder(**{f"c{n:06d}": None for n in range(count)}))
+    steps = state.online_steps([])
+    first = next(steps)
+    assert len(first) == STEP_ITEMS
+    # Channels coming online between steps: those after the point reached are seen too.
+    state.listen(Recorder(a_before=None, zz_after=None))
+    rest = [item for part in steps for item in part]
+    assert all(len(part) <= STEP_ITEMS for part in state.online_steps([]))
+    ids = [channel for channel, _ in first + rest]
+    assert len(ids) == len(set(ids)) == count + 1 and "zz_after" in ids
+    pieces = list(state.stats_steps())
+    assert len(pieces) >= 3 and "".join(pieces) == state.stats()

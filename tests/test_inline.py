@@ -523,3 +523,21 @@ def test_in_timeout_bounds_the_whole_request_however_it_trickles(server_factory,
             if reply:
                 break
     assert parse_response(reply).status == 408
+
+
+def test_online_over_many_channels_lets_other_clients_be_served_meanwhile(server_factory, cid):
+    server = server_factory(WAIT_MAXLEN=20000)
+    for n in range(100):          # 100 000 online channels
+        ids = ",".join(f"{cid}{n}_{k}" for k in range(1000))
+        server.poll("", method="POST", body=f"identifier={ids}".encode()).headers_arrived()
+    server.listen(f"{cid}small")
+    with socket.create_connection(("127.0.0.1", server.in_port), timeout=TIMEOUT) as big:
+        big.sendall(f"ONLINE {cid}\n\n".encode())
+        big.shutdown(socket.SHUT_WR)
+        # Asked after the big one, answered while the big one is still being made.
+        assert server.command(f"ONLINE {cid}small").text == f"{cid}small 1\n"
+        big.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            big.recv(1, socket.MSG_PEEK)
+        reply = parse_response(read_to_eof(big))
+    assert len(reply.text.splitlines()) == 100_001
