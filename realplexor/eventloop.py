@@ -22,6 +22,8 @@ import gevent
 import gevent.socket
 from gevent.hub import get_hub
 
+from .clientlog import peer
+
 log = logging.getLogger("realplexor")
 
 READ = 1
@@ -35,6 +37,40 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 16 * 1024 * 1024
 _OUT_OF_FILES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+class Starvation:
+    """Running out of file descriptors, logged once when it begins and once when it ends."""
+
+    def __init__(self, what: str):
+        self._what = what
+        self._since: float | None = None
+        self._pauses = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether accepting is failing for want of descriptors now."""
+        return self._since is not None
+
+    def paused(self, exc: OSError) -> None:
+        """An accept failed for want of descriptors; accepting pauses for ACCEPT_PAUSE."""
+        if self._since is None:
+            self._since = time.monotonic()
+            log.error("%s: cannot accept connections: %s; pausing %g s at a time until it can "
+                      "(waiting connections stay in the backlog)", self._what, exc.strerror, ACCEPT_PAUSE)
+        self._pauses += 1
+
+    def fed(self) -> None:
+        """An accept worked again."""
+        log.warning("%s: accepting connections again after %.1f s (%d pauses)",
+                    self._what, time.monotonic() - self._since, self._pauses)
+        self._since = None
+        self._pauses = 0
+
+
+def out_of_files(exc: OSError) -> bool:
+    """Whether ``exc`` says the process or system has no descriptor (or memory) to spare."""
+    return exc.errno in _OUT_OF_FILES
 
 
 class Acceptor:
@@ -61,10 +97,7 @@ class Acceptor:
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._nodelay_each = tcp and not sys.platform.startswith("linux")
         self._pause = None
-        # Out of descriptors since when (monotonic), and how many pauses:
-        # one line when it starts, one when accepting works again.
-        self._starved_since: float | None = None
-        self._pauses = 0
+        self._starvation = Starvation(peer(self.address))
 
     def start(self) -> None:
         """Begin accepting."""
@@ -88,11 +121,11 @@ class Acceptor:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in _OUT_OF_FILES:
+                if out_of_files(exc):
                     self._pause_accepting(exc)
                 return
-            if self._starved_since is not None:
-                self._fed_again()
+            if self._starvation.active:
+                self._starvation.fed()
             # The C socket: its calls skip the Python layer of socket.socket.
             sock = _socket.socket(family, kind, proto, fd)
             try:
@@ -107,20 +140,10 @@ class Acceptor:
     def _pause_accepting(self, exc: OSError) -> None:
         # The listening socket stays readable: without a pause the loop
         # would spin on it until a descriptor is free again.
-        if self._starved_since is None:
-            self._starved_since = time.monotonic()
-            log.error("cannot accept connections: %s; pausing %g s at a time until it can "
-                      "(waiting connections stay in the backlog)", exc.strerror, ACCEPT_PAUSE)
-        self._pauses += 1
+        self._starvation.paused(exc)
         self._watcher.stop()
         self._pause = self._loop.timer(ACCEPT_PAUSE)
         self._pause.start(self._resume_accepting)
-
-    def _fed_again(self) -> None:
-        log.warning("accepting connections again after %.1f s (%d pauses)",
-                    time.monotonic() - self._starved_since, self._pauses)
-        self._starved_since = None
-        self._pauses = 0
 
     def _resume_accepting(self) -> None:
         self._pause.close()

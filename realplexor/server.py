@@ -17,7 +17,7 @@ from .inline import InLine, InServer
 from .pages import load_pages
 from .wait import WaitLine
 from .wait_lean import LeanWaitServer
-from .wait_wsgi import LongPollHandler, WaitApp
+from .wait_wsgi import LongPollHandler, WaitApp, WaitServer
 
 log = logging.getLogger("realplexor")
 
@@ -137,7 +137,7 @@ class Realplexor:
     def _wait_server(self, listener):
         if self.config.WAIT_ENGINE == "lean":
             return LeanWaitServer(listener, self.wait_line, self.state)
-        return WSGIServer(listener, self.wait_app, handler_class=LongPollHandler, log=None,
+        return WaitServer(listener, self.wait_app, handler_class=LongPollHandler, log=None,
                           error_log=logging.getLogger("realplexor.wsgi"))
 
     def _bind(self, option: str, addr: str, make, fd: int | None = None):

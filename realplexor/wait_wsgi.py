@@ -17,11 +17,11 @@ from typing import Callable, Iterable, Iterator
 import gevent
 from gevent.event import Event
 from gevent.hub import get_hub
-from gevent.pywsgi import WSGIHandler
+from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from .channels import ChannelState
 from .clientlog import bad_request, escape, peer
-from .eventloop import linger, peer_closed
+from .eventloop import ACCEPT_PAUSE, Starvation, linger, out_of_files, peer_closed
 from .protocol import ProtocolError
 from .wait import FIRST_BYTES, ReadBody, Reply, WaitLine, error_reply, render_reply, wants_keep_alive
 
@@ -315,3 +315,32 @@ class LongPollHandler(WSGIHandler):
                 super()._sendall(data)
         except _AnswerNotTaken:
             raise OSError(errno.EPIPE, f"answer not taken within WRITE_TIMEOUT ({seconds:g} s)") from None
+
+
+class WaitServer(WSGIServer):
+    """gevent's WSGIServer, pausing quietly when it runs out of descriptors.
+
+    gevent would log a traceback for every failed accept; here there is
+    one line when it begins and one when it ends.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._starvation: Starvation | None = None
+
+    def do_read(self):
+        try:
+            accepted = super().do_read()
+        except OSError as exc:
+            if not out_of_files(exc):
+                raise
+            if self._starvation is None:
+                self._starvation = Starvation(peer(self.address))
+            self._starvation.paused(exc)
+            self.stop_accepting()
+            self._timer = self.loop.timer(ACCEPT_PAUSE)
+            self._timer.start(self._start_accepting_if_started)
+            return None
+        if accepted is not None and self._starvation is not None and self._starvation.active:
+            self._starvation.fed()
+        return accepted

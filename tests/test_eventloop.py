@@ -1,17 +1,20 @@
-"""Accepting from the event loop, for real: running out of file descriptors."""
+"""Accepting connections, for real, on both engines: running out of file descriptors."""
 from __future__ import annotations
 
 import json
 import re
 import socket
 
+import pytest
+
 from conftest import TIMEOUT, start_server, write_config
 
 OPEN_FILES = 48
 
 
-def test_out_of_files_pauses_accepting_and_resumes_when_some_are_free(tmp_path, cid):
-    server = start_server(write_config(tmp_path / "c.toml", WAIT_ENGINE="lean"), open_files=OPEN_FILES)
+@pytest.mark.parametrize("engine", ["wsgi", "lean"])
+def test_out_of_files_pauses_accepting_and_resumes_when_some_are_free(tmp_path, cid, engine):
+    server = start_server(write_config(tmp_path / "c.toml", WAIT_ENGINE=engine), open_files=OPEN_FILES)
     polls = []
     try:
         # More polls than the server has descriptors: the rest wait in the backlog.
@@ -33,9 +36,11 @@ def test_out_of_files_pauses_accepting_and_resumes_when_some_are_free(tmp_path, 
                 assert chunk, raw
                 raw += chunk
             assert json.loads(raw.partition(b"\r\n\r\n")[2][3:])[0]["data"] == "still serving"
-        # One line when it began and one when it ended, however many pauses between.
-        assert len(re.findall("cannot accept connections", server.output.text())) == 1
+        # A line when it began and one when it ended, however many pauses between
+        # (each listening socket starves on its own: the IN line's too).
         server.output.wait_for(r"accepting connections again after [\d.]+ s \(\d+ pauses\)")
+        assert len(re.findall("cannot accept connections", server.output.text())) <= 4
+        assert "Traceback" not in server.output.text()
     finally:
         for sock in polls:
             sock.close()
