@@ -85,7 +85,7 @@ class Servers:
         self.inline = InServer(listen_socket("127.0.0.1", 0), InLine(config, self.state, Users(":\n")))
 
     def park(self, channel: str, number: int) -> LeanPoll:
-        poll = LeanPoll(self.wait, StandIn(POLL % (channel.encode(), number)))
+        poll = LeanPoll(self.wait, StandIn(POLL % (channel.encode(), number)), time.monotonic() + 60)
         self.wait._read_now(poll)
         return poll
 
