@@ -467,7 +467,7 @@ def test_online_with_many_prefixes_does_not_scan_every_channel(make_state):
 
 
 def test_online_and_stats_come_in_bounded_steps_that_miss_nothing(make_state):
-    from realplexor.channels import STEP_ITEMS
+    from realplexor.store import STEP_ITEMS
 
     state = make_state()
     count = STEP_ITEMS * 2 + 10
