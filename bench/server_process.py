@@ -7,6 +7,7 @@ over raw sockets. Every socket operation has a timeout.
 from __future__ import annotations
 
 import collections
+import os
 import re
 import resource
 import signal
@@ -63,6 +64,28 @@ def read_to_eof(sock: socket.socket, timeout: float = IO_TIMEOUT) -> bytes:
         chunks.append(chunk)
 
 
+def tree_environment(tree: Path | None) -> dict[str, str] | None:
+    """The environment that makes ``python -m realplexor`` import ``tree``'s package.
+
+    None (this process's environment) for this repository's own tree.
+    """
+    if tree is None:
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+    env["PYTHONDONTWRITEBYTECODE"] = "1"   # leave the other checkout as it is
+    return env
+
+
+def config_options(tree: Path | None = None) -> frozenset[str]:
+    """The configuration options that the realplexor of ``tree`` (default: this one) knows."""
+    script = ("import dataclasses, realplexor.config as c; "
+              "print(' '.join(f.name for f in dataclasses.fields(c.Config)))")
+    names = subprocess.run([sys.executable, "-c", script], cwd=tree or _REPO, env=tree_environment(tree),
+                           capture_output=True, text=True, timeout=START_TIMEOUT, check=True).stdout
+    return frozenset(names.split())
+
+
 class ServerProcess:
     """One realplexor process, started with ``options`` on 127.0.0.1 free ports.
 
@@ -70,11 +93,15 @@ class ServerProcess:
     SIGKILL) on exit. Its log is drained on a thread, and the last lines
     are kept for error messages. With ``gc_log`` the server runs under
     ``gc_trace.py``, which logs its garbage collections to that file.
+    With ``tree`` the server is the realplexor package of that source
+    tree (another checkout), run from it with it first on ``PYTHONPATH``.
     """
 
-    def __init__(self, gc_log: Path | None = None, cpus: str | None = None, **options):
+    def __init__(self, gc_log: Path | None = None, cpus: str | None = None,
+                 tree: Path | None = None, **options):
         self.gc_log = gc_log
         self.cpus = cpus
+        self.tree = tree
         self.options = {"WAIT_ADDR": ["127.0.0.1:0"], "IN_ADDR": ["127.0.0.1:0"],
                         "VERBOSITY": 1, **options}
         self.process: subprocess.Popen | None = None
@@ -108,7 +135,7 @@ class ServerProcess:
             command = ["taskset", "-c", self.cpus] + command
         self.process = subprocess.Popen(
             command + ["--config", str(config)],
-            cwd=_REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            cwd=self.tree or _REPO, env=tree_environment(self.tree), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE)
         threading.Thread(target=self._drain_log, daemon=True).start()
         if not self._ports_found.wait(START_TIMEOUT):
