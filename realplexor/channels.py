@@ -33,6 +33,20 @@ ANSWERS_KEPT = 8
 class ChannelState(abc.ABC):
     """What the WAIT and IN lines need of the channel state."""
 
+    #: Whether publish, online, watch, position and stats may block (wait
+    #: for a shared store): then the IN line calls them from a greenlet.
+    blocking = False
+
+    def start(self) -> None:
+        """Begin (a shared store is reached here: StoreDown if it cannot be)."""
+
+    def stop(self) -> None:
+        """End: this process's listeners stop counting."""
+
+    def ready(self) -> str | None:
+        """None when the state can take work, else why not (one line)."""
+        return None
+
     @abc.abstractmethod
     def listen(self, listener: Listener) -> bytes | None:
         """Register ``listener`` on its channels, or answer it at once.

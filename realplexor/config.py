@@ -65,6 +65,9 @@ class Config:
     SU_USER: str = ""
     CORS_ORIGINS: tuple[str, ...] = ("*",)
     WAIT_ENGINE: str = "wsgi"
+    BACKEND: str = "memory"
+    PROCESS_TIMEOUT: float = 10
+    REUSE_PORT: bool = False
 
     def substitutions(self) -> dict[str, str]:
         """Values for ``$NAME`` placeholders in the IFRAME and SCRIPT pages."""
@@ -81,11 +84,13 @@ VERBOSE = 15
 LOG_LEVELS = {0: logging.ERROR, 1: logging.INFO, 2: VERBOSE, 3: logging.DEBUG}
 
 # Options a running server cannot take on without re-binding or re-exec.
-RESTART_ONLY = frozenset({"WAIT_ADDR", "IN_ADDR", "SU_USER", "MAX_MEM_MB", "WAIT_ENGINE"})
+RESTART_ONLY = frozenset({"WAIT_ADDR", "IN_ADDR", "SU_USER", "MAX_MEM_MB", "WAIT_ENGINE", "BACKEND",
+                          "REUSE_PORT"})
+SHARED_BACKENDS = ("redis://", "rediss://", "unix://")
 WAIT_ENGINES = ("wsgi", "lean")
 
 _NUMBER_MINIMUMS = {
-    "WAIT_TIMEOUT": 0.001, "WAIT_MAXLEN": 16, "WAIT_MAX_ANSWER": 1, "WAIT_MAX_IDS": 1, "WAIT_REQUEST_TIMEOUT": 0.001,
+    "WAIT_TIMEOUT": 0.001, "WAIT_MAXLEN": 16, "WAIT_MAX_ANSWER": 1, "WAIT_MAX_IDS": 1, "PROCESS_TIMEOUT": 2, "WAIT_REQUEST_TIMEOUT": 0.001,
     "WAIT_KEEPALIVE_TIMEOUT": 0.001, "WRITE_TIMEOUT": 0.001, "IN_TIMEOUT": 0.001,
     "IN_MAXLEN": 16, "EVENT_CHAIN_LEN": 1, "OFFLINE_TIMEOUT": 0,
     "MAX_DATA_FOR_ID": 1, "CLEAN_ID_AFTER": 0.001, "JS_MAX_BOUNCES": 0,
@@ -187,6 +192,7 @@ def _check_ranges(config: Config) -> None:
         value = getattr(config, name)
         if not value or not all(c.isalnum() or c == "_" for c in value):
             raise ConfigError(f"option {name} must be a word of letters, digits and _, not {value!r}")
+    _check_backend(config.BACKEND)
     if config.WAIT_ENGINE not in WAIT_ENGINES:
         raise ConfigError(f"option WAIT_ENGINE must be one of {', '.join(WAIT_ENGINES)}, "
                           f"not {config.WAIT_ENGINE!r}")
@@ -198,6 +204,19 @@ def _check_ranges(config: Config) -> None:
         "".encode(config.CHARSET)
     except LookupError:
         raise ConfigError(f"option CHARSET names an unknown charset {config.CHARSET!r}") from None
+
+
+def _check_backend(backend: str) -> None:
+    if backend == "memory":
+        return
+    if not backend.startswith(SHARED_BACKENDS):
+        raise ConfigError(f"option BACKEND must be \"memory\" or a Redis URL (redis://host:port/db), "
+                          f"not {backend!r}")
+    try:
+        import redis  # noqa: F401 - only to say early that it is missing
+    except ImportError:
+        raise ConfigError(f"option BACKEND {backend!r} needs the redis package: "
+                          "pip install 'realplexor[redis]'") from None
 
 
 def parse_address(addr: str, option: str = "address") -> tuple[str, int]:

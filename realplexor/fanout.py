@@ -116,6 +116,11 @@ class FanOut:
         """The channels with a listener here."""
         return self._slots.keys()
 
+    def listeners_of(self, channel_id: str) -> list[Listener]:
+        """The listeners waiting on ``channel_id`` here."""
+        slot = self._slots.get(channel_id)
+        return [] if slot is None else list(slot.listeners())
+
     def wake(self, placed: list[Placed], message: Message) -> None:
         """Deliver ``message`` to the listeners it reaches, each body rendered once."""
         if len(placed) == 1:

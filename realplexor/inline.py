@@ -18,6 +18,7 @@ from gevent.threadpool import ThreadPool
 
 from .auth import Principal, Users
 from .channels import ChannelState
+from .store import StoreDown
 from .clientlog import bad_request, escape, peer
 from .config import VERBOSE, Config
 from .deadlines import Deadlines
@@ -95,6 +96,19 @@ class InLine:
         return self._pool
 
     def _serve_as(self, principal: Principal, request: InRequest, address: object) -> bytes | Later:
+        if self.state.blocking:
+            # A shared store: every command waits for it, in a greenlet.
+            return lambda: self._carry_out_waiting(principal, request, address)
+        return self._carry_out(principal, request, address)
+
+    def _carry_out_waiting(self, principal: Principal, request: InRequest, address: object) -> bytes:
+        try:
+            reply = self._carry_out(principal, request, address)
+            return reply if isinstance(reply, bytes) else reply()
+        except StoreDown as exc:
+            return self._refused(ProtocolError(503, f"{exc}; nothing done, try again"), address)
+
+    def _carry_out(self, principal: Principal, request: InRequest, address: object) -> bytes | Later:
         try:
             if request.command is None:
                 return self._publish(principal, request, address)

@@ -11,6 +11,7 @@ from gevent.pywsgi import WSGIServer
 
 from .auth import Users
 from .channels import ChannelState, MemoryChannels, Settings, event_log_len
+from .store import StoreDown
 from .config import RESTART_ONLY, Config, ConfigError, parse_address
 from .handoff import Listeners
 from .inline import InLine, InServer
@@ -32,12 +33,18 @@ class StartError(Exception):
     """The server cannot start: a port in use, an unreadable file..."""
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """A plain bound, listening socket with a large backlog."""
+def bind_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A plain bound, listening socket with a large backlog.
+
+    With ``reuse_port`` several processes may listen on the same port
+    (Linux's SO_REUSEPORT spreads the connections among them).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(LISTEN_BACKLOG)
     except OSError:
@@ -47,14 +54,14 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 def listen_socket(host: str, port: int, defer_accept: bool = False,
-                  fd: int | None = None) -> gevent.socket.socket:
+                  fd: int | None = None, reuse_port: bool = False) -> gevent.socket.socket:
     """A listening socket for a line: bound here, or the inherited ``fd``.
 
     With ``defer_accept`` (Linux) a connection is accepted only once its
     request bytes have arrived, so no greenlet waits on an empty socket.
     """
     if fd is None:
-        fd = bind_listener(host, port).detach()
+        fd = bind_listener(host, port, reuse_port).detach()
     sock = gevent.socket.socket(fileno=fd)
     try:
         if hasattr(socket, "TCP_DEFER_ACCEPT"):
@@ -67,6 +74,14 @@ def listen_socket(host: str, port: int, defer_accept: bool = False,
     return sock
 
 
+def make_state(config: Config) -> ChannelState:
+    """The channel state BACKEND names: this process's memory, or a shared Redis."""
+    if config.BACKEND == "memory":
+        return MemoryChannels(channel_settings(config))
+    from .redis_channels import RedisChannels   # needs the redis extra
+    return RedisChannels(channel_settings(config), config.BACKEND)
+
+
 def channel_settings(config: Config) -> Settings:
     """The channel state's tunables from the configuration."""
     return Settings(max_data_for_id=config.MAX_DATA_FOR_ID,
@@ -74,7 +89,8 @@ def channel_settings(config: Config) -> Settings:
                     offline_timeout=config.OFFLINE_TIMEOUT,
                     event_log_len=event_log_len(config.EVENT_CHAIN_LEN),
                     max_answer=config.WAIT_MAX_ANSWER,
-                    max_queue_bytes=int(config.MAX_QUEUE_MB * (1 << 20)))
+                    max_queue_bytes=int(config.MAX_QUEUE_MB * (1 << 20)),
+                    process_timeout=config.PROCESS_TIMEOUT)
 
 
 def load_users(config: Config) -> Users:
@@ -97,7 +113,7 @@ class Realplexor:
 
     def __init__(self, config: Config, state: ChannelState | None = None):
         self.config = config
-        self.state = state if state is not None else MemoryChannels(channel_settings(config))
+        self.state = state if state is not None else make_state(config)
         self.wait_line = WaitLine(config, _load_pages(config))
         self.wait_app = WaitApp(self.wait_line, self.state)
         self.in_line = InLine(config, self.state, load_users(config))
@@ -111,6 +127,10 @@ class Realplexor:
         With ``inherited`` (from a supervisor) the server serves those
         sockets instead of binding its own.
         """
+        try:
+            self.state.start()
+        except StoreDown as exc:
+            raise StartError(f"cannot use BACKEND {self.config.BACKEND}: {exc}") from None
         try:
             if wait_line:
                 for addr, fd in self._listeners("WAIT_ADDR", inherited):
@@ -146,7 +166,8 @@ class Realplexor:
             # the accept callback; under the WSGI engine a burst of thousands of
             # connects left some unaccepted for over a minute, so it is not used.
             defer = option == "WAIT_ADDR" and self.config.WAIT_ENGINE == "lean"
-            server = make(listen_socket(*parse_address(addr, option), defer_accept=defer, fd=fd))
+            server = make(listen_socket(*parse_address(addr, option), defer_accept=defer, fd=fd,
+                                        reuse_port=self.config.REUSE_PORT))
             server.start()
         except ConfigError as exc:
             raise StartError(str(exc)) from None
@@ -189,3 +210,4 @@ class Realplexor:
         for server in self.wait_servers + self.in_servers:
             server.stop(timeout=timeout)
         self.wait_servers, self.in_servers = [], []
+        self.state.stop()

@@ -49,6 +49,10 @@ Placed = tuple[str, Decimal, str]
 Part = tuple[list[tuple[str, str]], bytes]
 
 
+class StoreDown(Exception):
+    """A shared store cannot be reached; the message says why, in one line."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """The tunables of the channel state (from the configuration)."""
@@ -59,6 +63,7 @@ class Settings:
     event_log_len: int = 3003
     max_answer: int = 1 << 20
     max_queue_bytes: int = 256 << 20
+    process_timeout: float = 10
 
 
 def event_log_len(event_chain_len: int) -> int:

@@ -89,7 +89,7 @@ def bind_all(config: Config) -> dict[str, list[tuple[str, socket.socket]]]:
         for option in LINE_OPTIONS:
             for addr in getattr(config, option):
                 try:
-                    held[option].append((addr, bind_listener(*parse_address(addr, option))))
+                    held[option].append((addr, bind_listener(*parse_address(addr, option), config.REUSE_PORT)))
                 except ConfigError as exc:
                     raise StartError(str(exc)) from None
                 except OSError as exc:

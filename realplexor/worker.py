@@ -6,6 +6,7 @@ lines share one channel state.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from .config import ConfigError, load_config
@@ -35,7 +36,15 @@ def create_app(config_path: str | None) -> WaitApp:
 
 
 def refuse_several_workers(server) -> None:
-    """gunicorn ``on_starting`` hook: each worker would hold its own channel state."""
-    if server.cfg.workers != 1:
+    """gunicorn ``on_starting`` hook: with the memory store each worker would hold its own channels."""
+    if server.cfg.workers != 1 and _backend() == "memory":
         sys.exit(f"realplexor: refusing to start {server.cfg.workers} gunicorn workers: "
-                 "the channel state is in-memory and would silently split; use -w 1")
+                 "the channel state is in-memory and would silently split; use -w 1, "
+                 "or a shared BACKEND (redis://...) with REUSE_PORT = true")
+
+
+def _backend() -> str:
+    try:
+        return load_config(os.environ.get("REALPLEXOR_CONFIG") or None).BACKEND
+    except ConfigError:
+        return "memory"     # the worker reports the broken file
