@@ -176,7 +176,7 @@ class MemoryChannels(ChannelState):
 
     def publish(self, targets: Sequence[tuple[str, Decimal | None, str | None]],
                 data: bytes, limiters: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
-        message, placed = self._store.publish(targets, data, limiters)
+        message, placed = self._store.publish_message(targets, data, limiters)
         self._fanout.wake(placed, message)
         return [(channel_id, text) for channel_id, _, text in placed]
 

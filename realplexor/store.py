@@ -135,11 +135,16 @@ class MemoryStore:
     # -- queues ----------------------------------------------------------------
 
     def publish(self, targets: Sequence[tuple[str, Decimal | None, str | None]],
-                data: bytes, limiters: frozenset[str]) -> tuple[Message, list[Placed]]:
-        """Queue ``data`` on each target (a repeated id once); the message and where it went.
+                data: bytes, limiters: frozenset[str]) -> list[Placed]:
+        """Queue ``data`` on each target (a repeated id once); where it went, with the cursors.
 
         A None cursor takes one fresh server cursor shared by the whole publish.
         """
+        return self.publish_message(targets, data, limiters)[1]
+
+    def publish_message(self, targets: Sequence[tuple[str, Decimal | None, str | None]],
+                        data: bytes, limiters: frozenset[str]) -> tuple[Message, list[Placed]]:
+        """:meth:`publish`, also handing back the message (for this process's fan-out)."""
         self._published += 1
         message = Message(data, limiters, self._published)
         fresh = None
@@ -163,6 +168,18 @@ class MemoryStore:
         if self._queued_bytes > self.settings.max_queue_bytes:
             self._drop_least_recent(seen)
         return message, placed
+
+    def history(self, cursors: dict[str, Decimal | None]) -> tuple[list[Part] | None, dict[str, Decimal]]:
+        """What a listener of ``cursors`` has not seen, within WAIT_MAX_ANSWER, and each channel's newest cursor.
+
+        A None cursor means "from now": nothing of that channel is replayed.
+        """
+        self._clean_if_idle(cursors)
+        newest = {channel_id: max((entry[0] for entry in self._queues.get(channel_id, ())), default=Decimal(0))
+                  for channel_id in cursors}
+        asked = {channel_id: newest[channel_id] if cursor is None else cursor
+                 for channel_id, cursor in cursors.items()}
+        return self.queued_parts(asked), newest
 
     def queued_parts(self, cursors: dict[str, Decimal]) -> list[Part] | None:
         """What a listener of ``cursors`` has not seen yet, oldest first, within WAIT_MAX_ANSWER.
