@@ -185,3 +185,23 @@ def test_gunicorn_with_two_workers_serves_a_poll_and_a_publish(redis_server, tmp
     finally:
         process.terminate()
         process.wait(TIMEOUT)
+
+
+def test_standalone_processes_share_their_ports_with_reuse_port(server_factory, redis_server, cid):
+    from conftest import LongPoll, free_port
+
+    wait_port, in_port = free_port(), free_port()
+    shared = dict(BACKEND=redis_server.url, REUSE_PORT=True, WAIT_ADDR=[f"127.0.0.1:{wait_port}"],
+                  IN_ADDR=[f"127.0.0.1:{in_port}"], **SHARED)
+    one, two = server_factory(**shared), server_factory(**shared)
+    assert one.wait_port == two.wait_port == wait_port
+    polls = [LongPoll(wait_port, f"GET /?identifier={cid}a HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+             for _ in range(20)]
+    try:
+        one.wait_until(lambda: one.online(cid) == {f"{cid}a": 20})
+        one.publish(f"{cid}a", '"to all"')
+        for poll in polls:
+            assert datas(poll) == ["to all"]
+    finally:
+        for poll in polls:
+            poll.close()
