@@ -64,6 +64,10 @@ class StandIn:
         self.sent.append(data)
         return len(data)
 
+    def sendmsg(self, buffers) -> int:
+        self.sent.extend(buffers)
+        return sum(len(buffer) for buffer in buffers)
+
     def fileno(self) -> int:
         return self._fd.fileno()
 

@@ -43,8 +43,9 @@ MAX_HEAD_BYTES = 16384
 # early); more, and the poll is ended and the connection refused.
 MAX_PARKED_INPUT = 4096
 SWEEP_INTERVAL = 0.25
-_FIRST_CHUNK = b"3\r\n \r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
+# A kept-alive poll's answer with no message: the first bytes, and the end.
+_EMPTY_CHUNKED = b"3\r\n \r\n\r\n" + _LAST_CHUNK
 # The only request headers the WAIT line looks at.
 _WANTED_HEADERS = frozenset({b"origin", b"connection", b"content-length", b"if-modified-since",
                              b"access-control-request-headers"})
@@ -123,7 +124,7 @@ class LeanPoll:
     """
 
     __slots__ = ("cursors", "engine", "keep_alive", "sock", "watcher", "parked", "pending",
-                 "deadline", "early")
+                 "deadline", "early", "head")
 
     def __init__(self, engine: "LeanWaitServer", sock: socket.socket, deadline: float | None):
         self.cursors: dict[str, Decimal | None] = {}
@@ -135,6 +136,8 @@ class LeanPoll:
         self.pending: bytes | None = None     # a body that came before the poll was parked
         self.deadline = deadline
         self.early: bytes | None = None
+        # A kept-alive poll's headers, sent together with its answer.
+        self.head = b""
 
     def deliver(self, body: bytes) -> None:
         """Called by the channel state: write the body out now."""
@@ -316,8 +319,13 @@ class LeanWaitServer:
         head = self._head(request.headers.get("origin"), keep_alive)
         if body is not None:
             self._send(conn, head + self._frame(FIRST_BYTES + body, keep_alive), _IDLE if keep_alive else _CLOSE)
+        elif keep_alive:
+            # Its headers wait for the answer: one write for both, when it comes.
+            conn.head = head
+            self._park(conn)
         else:
-            self._send(conn, head + (_FIRST_CHUNK if keep_alive else FIRST_BYTES), _PARK)
+            # A raw client of the old server reads the headers at once.
+            self._send(conn, head + FIRST_BYTES, _PARK)
 
     def _head(self, origin: str | None, keep_alive: bool) -> bytes:
         key = (origin, keep_alive)
@@ -343,6 +351,20 @@ class LeanWaitServer:
             return
         if sent < len(data):
             gevent.spawn(self._send_rest, conn, data[sent:], then)
+        else:
+            self._after_send(conn, then)
+
+    def _send_two(self, conn: LeanPoll, head: bytes, body: bytes, then: str) -> None:
+        """Write ``head`` and ``body`` in one system call, neither copied into the other."""
+        try:
+            sent = conn.sock.sendmsg((head, body))
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._drop(conn)
+            return
+        if sent < len(head) + len(body):
+            gevent.spawn(self._send_rest, conn, (head + body)[sent:], then)
         else:
             self._after_send(conn, then)
 
@@ -410,8 +432,8 @@ class LeanWaitServer:
             return
         if body is not self._framed_for:
             # Every listener of a publish gets the same body: frame it once.
-            self._framed_for, self._framed = body, self._frame(body, True)
-        self._send(conn, self._framed, _IDLE)
+            self._framed_for, self._framed = body, self._frame(FIRST_BYTES + body, True)
+        self._send_two(conn, conn.head, self._framed, _IDLE)
 
     def _on_parked_readable(self, conn: LeanPoll) -> None:
         # Whatever the client sends is read, so that its leaving is
@@ -433,7 +455,7 @@ class LeanWaitServer:
             self.state.unlisten(conn)
             conn.watcher.stop()
             if conn.keep_alive:
-                self._send(conn, _LAST_CHUNK, _IDLE)
+                self._send(conn, conn.head + _EMPTY_CHUNKED, _IDLE)
             else:
                 self._close(conn)
 
@@ -458,7 +480,7 @@ class LeanWaitServer:
             self.state.unlisten(conn)
             conn.watcher.stop()
             if conn.keep_alive:
-                self._send(conn, _LAST_CHUNK, _IDLE)
+                self._send(conn, conn.head + _EMPTY_CHUNKED, _IDLE)
             else:
                 self._close(conn)
         for conn in self._starting.pop_due(now):

@@ -92,21 +92,32 @@ class WaitApp:
         environ["realplexor.listener"] = listener
         body = self.state.listen(listener)
         headers = self.line.poll_headers(environ.get("HTTP_ORIGIN"))
-        if not wants_keep_alive(environ.get("SERVER_PROTOCOL", ""), environ.get("HTTP_CONNECTION")):
+        keep_alive = wants_keep_alive(environ.get("SERVER_PROTOCOL", ""), environ.get("HTTP_CONNECTION"))
+        if not keep_alive:
             headers += _CLOSE
         start_response("200 OK", list(headers))
         if body is not None:
             return [FIRST_BYTES + body]
-        return self._long_poll(listener, _client_socket(environ), "realplexor.socket" in environ)
+        # The whole response, last chunk included, leaves in one write.
+        environ["realplexor.one_write"] = keep_alive
+        return self._long_poll(listener, _client_socket(environ), "realplexor.socket" in environ, keep_alive)
 
-    def _long_poll(self, listener: WaitListener, sock: socket.socket | None, ours: bool) -> Iterator[bytes]:
+    def _long_poll(self, listener: WaitListener, sock: socket.socket | None, ours: bool,
+                   keep_alive: bool) -> Iterator[bytes]:
         watcher = _watch_for_hangup(sock, self.state, listener) if sock is not None else None
         try:
-            yield FIRST_BYTES
+            if not keep_alive:
+                # A raw client of the old server reads the headers at once; a
+                # kept-alive poll gets them with its answer, in one write.
+                yield FIRST_BYTES
             if not listener.event.wait(self.line.config.WAIT_TIMEOUT):
                 self.state.unlisten(listener)
+                if keep_alive:
+                    yield FIRST_BYTES
             elif listener.body is not None:
-                yield listener.body
+                yield FIRST_BYTES + listener.body if keep_alive else listener.body
+            elif keep_alive:
+                yield FIRST_BYTES
         finally:
             if watcher is not None:
                 watcher.stop()
@@ -292,9 +303,25 @@ class LongPollHandler(WSGIHandler):
                                      if k.lower() != b"transfer-encoding"]
 
     def _write_with_headers(self, data: bytes) -> None:
+        if self._held is not None:      # the whole response is being held
+            super()._write_with_headers(data)
+            return
         self._held = bytearray()
         try:
             super()._write_with_headers(data)
+        finally:
+            held, self._held = self._held, None
+            if held:
+                self._send_by_deadline(bytes(held))
+
+    def process_result(self) -> None:
+        if not self.environ.get("realplexor.one_write"):
+            super().process_result()
+            return
+        # A kept-alive poll's answer: headers, body and last chunk in one write.
+        self._held = bytearray()
+        try:
+            super().process_result()
         finally:
             held, self._held = self._held, None
             if held:

@@ -841,3 +841,30 @@ def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(ser
         assert conn.sock.recv(100) == b""              # closed by the server, not by the timeout here
     finally:
         conn.close()
+
+
+def test_a_kept_alive_poll_gets_its_headers_with_its_answer_in_one_write(server, cid):
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        sock.sendall(f"GET /?identifier={cid}a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n".encode())
+        server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
+        sock.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            sock.recv(65536)                      # nothing early: no headers, no first bytes
+        server.publish(f"{cid}a", '"together"')
+        sock.settimeout(10)
+        first = sock.recv(65536)                  # one write: the first read has it all
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    head, _, body = first.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert b'"together"' in body and body.endswith(b"0\r\n\r\n")
+
+
+def test_a_kept_alive_poll_that_times_out_gets_headers_and_an_empty_answer_together(server_factory, cid):
+    quick = server_factory(WAIT_TIMEOUT=0.5)
+    conn = KeptAlive(quick.wait_port)
+    try:
+        conn.send_poll(f"identifier={cid}a")
+        head, body = conn.read_response()
+        assert head.startswith("HTTP/1.1 200") and body == b" \r\n"
+    finally:
+        conn.close()
