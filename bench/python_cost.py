@@ -98,7 +98,8 @@ class Servers:
 
     def ask_again(self, poll: LeanPoll, channel: str, number: int) -> None:
         """Queue the poll's next request, from the cursor of the body it got."""
-        body = poll.sock.sent[-1].split(b"\r\n")[1]
+        framed = poll.sock.sent[-1]
+        body = framed[framed.index(b"[{"):framed.rindex(b"}]") + 2]
         cursor = json.loads(body)[0]["ids"][channel]
         poll.sock.sent.clear()
         poll.sock.pending = POLL % (f"{cursor}:{channel}".encode(), number)
