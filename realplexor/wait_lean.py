@@ -450,14 +450,18 @@ class LeanWaitServer:
         conn.early = data if conn.early is None else conn.early + data
         if len(conn.early) > MAX_PARKED_INPUT:
             # The poll ends with nothing, and the connection is refused.
-            conn.parked = False
             self._parked.cancel(conn)
-            self.state.unlisten(conn)
-            conn.watcher.stop()
-            if conn.keep_alive:
-                self._send(conn, conn.head + _EMPTY_CHUNKED, _IDLE)
-            else:
-                self._close(conn)
+            self._end_empty(conn)
+
+    def _end_empty(self, conn: LeanPoll) -> None:
+        """End a parked poll with no message (its deadline is already off)."""
+        conn.parked = False
+        self.state.unlisten(conn)
+        conn.watcher.stop()
+        if conn.keep_alive:
+            self._send(conn, conn.head + _EMPTY_CHUNKED, _IDLE)
+        else:
+            self._close(conn)
 
     def _drop(self, conn: LeanPoll) -> None:
         """The client left: forget its poll and close."""
@@ -476,13 +480,7 @@ class LeanWaitServer:
 
     def _sweep(self, now: float) -> None:
         for conn in self._parked.pop_due(now):
-            conn.parked = False
-            self.state.unlisten(conn)
-            conn.watcher.stop()
-            if conn.keep_alive:
-                self._send(conn, conn.head + _EMPTY_CHUNKED, _IDLE)
-            else:
-                self._close(conn)
+            self._end_empty(conn)
         for conn in self._starting.pop_due(now):
             conn.watcher.stop()
             self._send(conn, _request_timeout(self.line.config.WAIT_REQUEST_TIMEOUT), _CLOSE)

@@ -858,13 +858,3 @@ def test_a_kept_alive_poll_gets_its_headers_with_its_answer_in_one_write(server,
     assert b"transfer-encoding: chunked" in head.lower()
     assert b'"together"' in body and body.endswith(b"0\r\n\r\n")
 
-
-def test_a_kept_alive_poll_that_times_out_gets_headers_and_an_empty_answer_together(server_factory, cid):
-    quick = server_factory(WAIT_TIMEOUT=0.5)
-    conn = KeptAlive(quick.wait_port)
-    try:
-        conn.send_poll(f"identifier={cid}a")
-        head, body = conn.read_response()
-        assert head.startswith("HTTP/1.1 200") and body == b" \r\n"
-    finally:
-        conn.close()
