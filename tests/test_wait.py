@@ -857,4 +857,3 @@ def test_a_kept_alive_poll_gets_its_headers_with_its_answer_in_one_write(server,
     head, _, body = first.partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head.lower()
     assert b'"together"' in body and body.endswith(b"0\r\n\r\n")
-
