@@ -158,6 +158,21 @@ def test_limited_message_is_not_visible_in_history_either(server, cid):
     assert [p["data"] for p in body] == ["secret", "public"]
 
 
+def test_a_limited_publish_to_several_channels_reaches_only_listeners_of_a_limiter(server, cid):
+    plain = server.listen(f"{cid}a,{cid}b")
+    allowed = server.listen(f"{cid}a,{cid}b,{cid}friend")
+    allowed_on_b = server.listen(f"{cid}b,{cid}friend")
+    server.publish(f"{cid}a,{cid}b,{cid}c,*{cid}friend", '"secret"')
+    secret = parts(allowed.response())
+    assert [(p["data"], sorted(p["ids"])) for p in secret] == [("secret", [f"{cid}a", f"{cid}b"])]
+    assert [(p["data"], list(p["ids"])) for p in parts(allowed_on_b.response())] == [("secret", [f"{cid}b"])]
+    # The plain listener still waits: the next publish is the first thing it gets.
+    server.publish(f"{cid}a,{cid}b", '"public"')
+    assert [p["data"] for p in parts(plain.response())] == ["public"]
+    replayed = parts(server.poll(f"identifier=0:{cid}a,0:{cid}b").response())
+    assert [p["data"] for p in replayed] == ["public"]
+
+
 def test_limiters_are_not_publish_targets(server, cid):
     friend = server.listen(f"{cid}friend")
     server.publish(f"{cid}a,*{cid}friend", '"secret"')
