@@ -254,15 +254,40 @@ def test_long_post_body_sent_at_once_is_a_413_not_a_reset(server, cid):
     assert b"WAIT_MAXLEN" in response.body
 
 
-def test_chunked_post_over_the_limit_is_a_413(server, cid):
-    ids = ",".join(f"{cid}{n}" for n in range(600)).encode()
-    body = b"identifier=" + ids
+@pytest.mark.parametrize("how", ["at once", "in pieces", "never ended"])
+@pytest.mark.parametrize("size", ["just over", "far over"])
+def test_chunked_post_over_the_limit_is_a_413(server, cid, how, size):
+    # WAIT_MAXLEN (5120 by default) counts the request target and the body.
+    # A body that never ends is refused once past the limit, not at its end.
+    count = 400 if size == "just over" else 20000
+    body = b"identifier=" + ",".join(f"{cid}{n}" for n in range(count)).encode()
+    assert len(body) > 5120
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 500]), body[i:i + 500])
-                      for i in range(0, len(body), 500)) + b"0\r\n\r\n"
-    poll = server.poll("", method="GET", headers="Transfer-Encoding: chunked\r\n")
-    poll.sock.sendall(chunks)
-    response = poll.response()
-    assert response.status in (400, 413)
+                      for i in range(0, len(body), 500))
+    if how != "never ended":
+        chunks += b"0\r\n\r\n"
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        if how != "in pieces":
+            sock.sendall(request)
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for start in range(0, len(request), 1000):
+                sock.sendall(request[start:start + 1000])
+        response = parse_response(read_to_eof(sock))
+    assert response.status == 413, response.raw[:300]
+    assert b"WAIT_MAXLEN (5120 bytes)" in response.body
+    assert server.online(cid) == {}
+
+
+def test_post_declaring_a_body_over_the_limit_is_a_413_without_waiting_for_it(server, cid):
+    head = f"POST /?identifier={cid}a HTTP/1.1\r\nHost: x\r\nContent-Length: 6000\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        sock.sendall(head + b"identifier=")     # the rest of the body never comes
+        response = parse_response(read_to_eof(sock))
+    assert response.status == 413, response.raw[:300]
+    assert b"WAIT_MAXLEN (5120 bytes)" in response.body
+    assert server.online(cid) == {}
 
 
 def test_client_that_disconnects_mid_wait_is_removed(server, cid):
