@@ -51,7 +51,8 @@ class OutputReader:
     def __init__(self, stream):
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
 
     def _pump(self, stream) -> None:
         for raw in stream:
@@ -80,6 +81,12 @@ class OutputReader:
 
     def text(self) -> str:
         return "\n".join(self.lines)
+
+    def wait_closed(self, timeout: float = TIMEOUT) -> None:
+        """Wait until the stream has ended, so ``lines`` holds all of it; fails after ``timeout``."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError("output still open; so far:\n" + self.text())
 
 
 @dataclass
