@@ -237,6 +237,19 @@ class RunningServer:
                 raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
             time.sleep(interval)
 
+    def holds_until(self, predicate, until: float, interval: float = 0.05) -> None:
+        """Check ``predicate`` again and again until the monotonic time ``until``; fail if it is ever false.
+
+        Only answers that came back before ``until`` count: each was
+        taken earlier still, so a slow check cannot fail the test.
+        """
+        while True:
+            value = predicate()
+            if time.monotonic() >= until:
+                return
+            assert value, f"condition stopped holding {until - time.monotonic():.2f}s early (got {value!r})"
+            time.sleep(interval)
+
     def settled_log(self) -> list[str]:
         """The server's output, once everything it logged before this call is in.
 

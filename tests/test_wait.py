@@ -298,29 +298,34 @@ def test_client_that_disconnects_mid_wait_is_removed(server, cid):
     assert server.wait_until(lambda: server.online(cid) == {f"{cid}a": 0, f"{cid}b": 0})
 
 
-def test_offline_only_after_the_last_listener_leaves(server, cid):
-    # The shared server runs with OFFLINE_TIMEOUT = 1.
+def test_offline_timeout_runs_from_when_the_last_listener_left(server_factory, cid):
+    server = server_factory(OFFLINE_TIMEOUT=3)
     first = server.listen(f"{cid}a")
     second = server.listen(f"{cid}a")
     start = server.command("WATCH").text.split()[1].split(":")[0]
     first.close()
-    time.sleep(1.6)
-    assert server.online(cid) == {f"{cid}a": 1}
+    server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
     second.close()
-    assert server.wait_until(lambda: server.online(cid) == {f"{cid}a": 0})
-    assert server.wait_until(lambda: server.online(cid) == {}, timeout=5)
+    left = time.monotonic()
+    server.wait_until(lambda: server.online(cid) == {f"{cid}a": 0})
+    # Online with no listener for the whole OFFLINE_TIMEOUT (less a margin for
+    # noticing the close), then offline soon after it.
+    server.holds_until(lambda: server.online(cid) == {f"{cid}a": 0}, until=left + 2.5)
+    server.wait_until(lambda: server.online(cid) == {}, timeout=3)
+    assert time.monotonic() - left < 4.5
     events = server.command(f"WATCH {start} {cid}").text.splitlines()
     assert [e.split()[0] for e in events] == ["offline"]
 
 
 def test_new_listener_within_offline_timeout_cancels_offline(server, cid):
+    # The shared server runs with OFFLINE_TIMEOUT = 1.
     poll = server.listen(f"{cid}a")
     start = server.command("WATCH").text.split()[1].split(":")[0]
     poll.close()
+    left = time.monotonic()
     server.wait_until(lambda: server.online(cid) == {f"{cid}a": 0})
     again = server.listen(f"{cid}a")
-    time.sleep(1.5)
-    assert server.online(cid) == {f"{cid}a": 1}
+    server.holds_until(lambda: server.online(cid) == {f"{cid}a": 1}, until=left + 1.6)
     assert server.command(f"WATCH {start} {cid}").text == ""
     again.close()
 
