@@ -125,6 +125,62 @@ def read_to_eof(sock: socket.socket, timeout: float = TIMEOUT) -> bytes:
         chunks.append(chunk)
 
 
+def slow_reader(port: int) -> socket.socket:
+    """A client socket with the smallest receive buffer the kernel allows (set before connecting).
+
+    For a client that does not read: an answer larger than
+    :func:`beyond_socket_buffers` cannot leave the server at once.
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(TIMEOUT)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def beyond_socket_buffers() -> int:
+    """Bytes that a server's send buffer and a :func:`slow_reader`'s receive buffer cannot hold together."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_wmem") as fh:
+            send_buffer_max = int(fh.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        send_buffer_max = 4 << 20
+    return max(6_000_000, send_buffer_max * 3 // 2)
+
+
+def read_answer(sock: socket.socket, timeout: float = TIMEOUT) -> tuple[bytes, bytes]:
+    """One HTTP answer as (head, body): by its Content-Length, to its last chunk (de-chunked), or to end of file."""
+    sock.settimeout(timeout)
+    buf = bytearray()
+    head = None
+    while True:
+        if head is None and b"\r\n\r\n" in buf:
+            start = buf.index(b"\r\n\r\n") + 4
+            head = parse_response(bytes(buf[:start]))
+        if head is not None:
+            length = head.headers.get("content-length")
+            if length is not None and len(buf) - start >= int(length):
+                return bytes(buf[:start - 4]), bytes(buf[start:start + int(length)])
+            if "chunked" in head.headers.get("transfer-encoding", "") and buf.endswith(b"\r\n0\r\n\r\n"):
+                return bytes(buf[:start - 4]), _dechunked(bytes(buf[start:]))
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            head_bytes, _, body = bytes(buf).partition(b"\r\n\r\n")
+            return head_bytes, body
+        buf += chunk
+
+
+def _dechunked(body: bytes) -> bytes:
+    whole, at = bytearray(), 0
+    while True:
+        end = body.index(b"\r\n", at)
+        size = int(body[at:end], 16)
+        if size == 0:
+            return bytes(whole)
+        whole += body[end + 2:end + 2 + size]
+        at = end + 2 + size + 2
+
+
 class LongPoll:
     """A browser-like WAIT request on a real socket."""
 

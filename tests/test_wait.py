@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from conftest import parse_response, read_to_eof, start_server, write_config
+from conftest import (beyond_socket_buffers, parse_response, read_answer, read_to_eof, slow_reader,
+                      start_server, write_config)
 
 ENGINES = ["wsgi", "lean"]
 
@@ -871,6 +872,48 @@ def test_an_answer_not_taken_in_time_is_dropped(server_factory, cid):
         except ConnectionResetError:
             pass
         assert len(got) < len(big)
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("when", ["queued", "published while parked"])
+@pytest.mark.parametrize("keep_alive", [True, False], ids=["kept alive", "close"])
+def test_an_answer_larger_than_the_socket_buffers_reaches_a_late_reader_whole(server_factory, cid,
+                                                                              keep_alive, when):
+    size = beyond_socket_buffers()
+    server = server_factory(IN_MAXLEN=size + 1000, WAIT_MAX_ANSWER=3 * size)
+    sent = [f"{n}:" + "x" * (size // 2) for n in range(2)]
+    sock = slow_reader(server.wait_port)
+    connection = "Connection: keep-alive\r\n" if keep_alive else ""
+    try:
+        if when == "queued":
+            for data in sent:
+                server.publish(f"{cid}a", json.dumps(data))
+            sock.sendall(f"GET /?identifier=0:{cid}a HTTP/1.1\r\nHost: x\r\n{connection}\r\n".encode())
+        else:
+            sock.sendall(f"GET /?identifier={cid}a HTTP/1.1\r\nHost: x\r\n{connection}\r\n".encode())
+            server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
+            server.publish(f"{cid}a", json.dumps(sent[0]))
+            sent = sent[:1]
+        # The answer cannot all leave while this client reads nothing; others are served meanwhile.
+        other = server.listen(f"{cid}b")
+        server.publish(f"{cid}b", '"meanwhile"')
+        assert [p["data"] for p in parts(other.response())] == ["meanwhile"]
+        head, body = read_answer(sock)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert body.startswith(b" \r\n")
+        got = json.loads(body[3:])
+        assert [part["data"] for part in got] == sent
+        if keep_alive:
+            # The connection carries the next poll as usual.
+            cursor = got[-1]["ids"][f"{cid}a"]
+            sock.sendall(f"GET /?identifier={cursor}:{cid}a HTTP/1.1\r\nHost: x\r\n{connection}\r\n".encode())
+            server.wait_until(lambda: server.online(cid).get(f"{cid}a") == 1)
+            server.publish(f"{cid}a", '"next"')
+            _, body = read_answer(sock)
+            assert [part["data"] for part in json.loads(body)] == ["next"]
+        else:
+            assert read_to_eof(sock) == b""
     finally:
         sock.close()
 
