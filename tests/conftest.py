@@ -153,10 +153,12 @@ def read_answer(sock: socket.socket, timeout: float = TIMEOUT) -> tuple[bytes, b
     sock.settimeout(timeout)
     buf = bytearray()
     head = None
+    searched = 0      # the end of the head is looked for in new bytes only: heads can be megabytes
     while True:
-        if head is None and b"\r\n\r\n" in buf:
-            start = buf.index(b"\r\n\r\n") + 4
+        if head is None and buf.find(b"\r\n\r\n", searched) >= 0:
+            start = buf.find(b"\r\n\r\n", searched) + 4
             head = parse_response(bytes(buf[:start]))
+        searched = max(len(buf) - 3, 0)
         if head is not None:
             length = head.headers.get("content-length")
             if length is not None and len(buf) - start >= int(length):
