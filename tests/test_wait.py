@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 
@@ -916,6 +917,43 @@ def test_an_answer_larger_than_the_socket_buffers_reaches_a_late_reader_whole(se
             assert read_to_eof(sock) == b""
     finally:
         sock.close()
+
+
+def test_sighup_reload_takes_effect_and_parked_polls_survive_it(server_factory, engine, cid):
+    old, new = "http://old.example", "http://new.example"
+    server = server_factory(CORS_ORIGINS=[old], MAX_DATA_FOR_ID=30)
+    # Polls from each origin, before the reload: their headers are made (and kept) now.
+    parked = server.listen(f"{cid}a", headers=f"Origin: {old}\r\n")
+    assert f"Access-Control-Allow-Origin: {old}\r\n".encode() in parked.headers_arrived()
+    kept = KeptAlive(server.wait_port)
+    try:
+        kept.sock.sendall(f"GET /?identifier={cid}a HTTP/1.1\r\nHost: x\r\nOrigin: {old}\r\n"
+                          f"Connection: keep-alive\r\n\r\n".encode())
+        head, first = kept.read_response_head_or_whole()
+        assert f"Access-Control-Allow-Origin: {old}" in head and first is None
+        assert b"Access-Control" not in server.listen(f"{cid}b", headers=f"Origin: {new}\r\n").headers_arrived()
+        server.wait_until(lambda: server.online(cid) == {f"{cid}a": 2, f"{cid}b": 1})
+
+        write_config(server.config_path, WAIT_ENGINE=engine, CORS_ORIGINS=[new], MAX_DATA_FOR_ID=2)
+        reloads = server.output.text().count("configuration reloaded")
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_until(lambda: server.output.text().count("configuration reloaded") > reloads)
+
+        # The polls parked before the reload are still there and get the next message.
+        assert server.online(cid) == {f"{cid}a": 2, f"{cid}b": 1}
+        server.publish(f"{cid}a", '"after the reload"')
+        assert [p["data"] for p in parts(parked.response())] == ["after the reload"]
+        _, body = kept.finish_chunked(b"")
+        assert [p["data"] for p in json.loads(body)] == ["after the reload"]
+        # The new configuration: the old origin is no longer allowed, the new one is.
+        assert b"Access-Control" not in server.listen(f"{cid}c", headers=f"Origin: {old}\r\n").headers_arrived()
+        assert (f"Access-Control-Allow-Origin: {new}\r\n".encode()
+                in server.listen(f"{cid}c", headers=f"Origin: {new}\r\n").headers_arrived())
+        for n in range(4):
+            server.publish(f"{cid}d", str(n))
+        assert [p["data"] for p in parts(server.get(f"identifier=0:{cid}d"))] == [2, 3]
+    finally:
+        kept.close()
 
 
 def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(server_factory, cid):
