@@ -292,6 +292,17 @@ def test_post_declaring_a_body_over_the_limit_is_a_413_without_waiting_for_it(se
     assert server.online(cid) == {}
 
 
+def test_endless_headers_are_refused_without_waiting_for_their_end(server_factory, cid):
+    server = server_factory(WAIT_REQUEST_TIMEOUT=60)
+    headers = b"".join(b"X-Filler-%d: %s\r\n" % (n, b"f" * 1000) for n in range(200))
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        # 200 KB of headers and no blank line: refused long before WAIT_REQUEST_TIMEOUT.
+        sock.sendall(f"GET /?identifier={cid}a HTTP/1.1\r\nHost: x\r\n".encode() + headers)
+        response = parse_response(read_to_eof(sock))
+    assert response.status in (400, 413), response.raw[:300]
+    assert server.online(cid) == {}
+
+
 def test_client_that_disconnects_mid_wait_is_removed(server, cid):
     polls = [server.listen(f"{cid}a,{cid}b") for _ in range(5)]
     assert server.online(cid) == {f"{cid}a": 5, f"{cid}b": 5}
