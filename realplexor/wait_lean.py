@@ -252,6 +252,8 @@ class LeanWaitServer:
                 raise ProtocolError(413, f"request longer than WAIT_MAXLEN "
                                          f"({self.line.config.WAIT_MAXLEN} bytes) plus headers")
             parse.parser.feed_data(data)
+            if not parse.request.complete:
+                _check_length(parse.request, self.line.config.WAIT_MAXLEN)
         except ProtocolError as error:
             return error
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -504,6 +506,19 @@ def _refusal(error: ProtocolError, sock, data: bytes) -> bytes:
             address = None
         bad_request("WAIT %s: 400 %s: %s", peer(address), error.reason, escape(data))
     return render_reply(error_reply(error))
+
+
+def _check_length(request: _Request, limit: int) -> None:
+    """A ProtocolError 413 for an unfinished request already past WAIT_MAXLEN.
+
+    As for a whole request (see :class:`WaitLine`), the target and the
+    body count, and a declared Content-Length too: a body that would
+    pass the limit is refused now, not once it has come (or never).
+    """
+    declared = request.headers.get("content-length", "")
+    body = int(declared) if declared.isdigit() and len(declared) < 19 else len(request.body)
+    if len(request.url) + max(body, len(request.body)) > limit:
+        raise ProtocolError(413, f"request longer than WAIT_MAXLEN ({limit} bytes)")
 
 
 def _recv_by(sock, deadline: float) -> bytes | None:

@@ -218,6 +218,7 @@ class LongPollHandler(WSGIHandler):
     READ_BUFFER = 1024
     _held: bytearray | None = None
     _served = False
+    _body_left = False
     _request_timer: gevent.Timeout | None = None
 
     def __init__(self, sock, address, server):  # pylint: disable=super-init-not-called
@@ -265,11 +266,25 @@ class LongPollHandler(WSGIHandler):
                 self.socket.sendall(body)
                 linger(self.socket)
             return None
-        if result is None and self.socket is not None and _input_pending(self.socket):
+        if result is None and self.socket is not None and (self._body_left or _input_pending(self.socket)):
             # Closing now would reset the connection, and the client could
             # lose the answer it has not read yet.
             linger(self.socket)
         return result
+
+    def run_application(self):
+        try:
+            super().run_application()
+        finally:
+            body = self.wsgi_input
+            if self.close_connection and body is not None and (
+                    body.position < (body.content_length or 0) or (body.chunked_input and body.chunk_length)):
+                # The connection closes after this answer (a refusal above
+                # all) with its body not read to the end: pywsgi would read
+                # the rest first, and wait for ever on a body that never
+                # ends. The connection lingers instead, for a bounded time.
+                body._chunked_input_error = True
+                self._body_left = True
 
     def _handle_client_error(self, ex: Exception):
         # pywsgi's hook for a request it cannot parse (it ignores the answer

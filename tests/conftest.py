@@ -51,7 +51,8 @@ class OutputReader:
     def __init__(self, stream):
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
 
     def _pump(self, stream) -> None:
         for raw in stream:
@@ -80,6 +81,12 @@ class OutputReader:
 
     def text(self) -> str:
         return "\n".join(self.lines)
+
+    def wait_closed(self, timeout: float = TIMEOUT) -> None:
+        """Wait until the stream has ended, so ``lines`` holds all of it; fails after ``timeout``."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError("output still open; so far:\n" + self.text())
 
 
 @dataclass
@@ -116,6 +123,64 @@ def read_to_eof(sock: socket.socket, timeout: float = TIMEOUT) -> bytes:
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+def slow_reader(port: int) -> socket.socket:
+    """A client socket with the smallest receive buffer the kernel allows (set before connecting).
+
+    For a client that does not read: an answer larger than
+    :func:`beyond_socket_buffers` cannot leave the server at once.
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(TIMEOUT)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def beyond_socket_buffers() -> int:
+    """Bytes that a server's send buffer and a :func:`slow_reader`'s receive buffer cannot hold together."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_wmem") as fh:
+            send_buffer_max = int(fh.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        send_buffer_max = 4 << 20
+    return max(6_000_000, send_buffer_max * 3 // 2)
+
+
+def read_answer(sock: socket.socket, timeout: float = TIMEOUT) -> tuple[bytes, bytes]:
+    """One HTTP answer as (head, body): by its Content-Length, to its last chunk (de-chunked), or to end of file."""
+    sock.settimeout(timeout)
+    buf = bytearray()
+    head = None
+    searched = 0      # the end of the head is looked for in new bytes only: heads can be megabytes
+    while True:
+        if head is None and buf.find(b"\r\n\r\n", searched) >= 0:
+            start = buf.find(b"\r\n\r\n", searched) + 4
+            head = parse_response(bytes(buf[:start]))
+        searched = max(len(buf) - 3, 0)
+        if head is not None:
+            length = head.headers.get("content-length")
+            if length is not None and len(buf) - start >= int(length):
+                return bytes(buf[:start - 4]), bytes(buf[start:start + int(length)])
+            if "chunked" in head.headers.get("transfer-encoding", "") and buf.endswith(b"\r\n0\r\n\r\n"):
+                return bytes(buf[:start - 4]), _dechunked(bytes(buf[start:]))
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            head_bytes, _, body = bytes(buf).partition(b"\r\n\r\n")
+            return head_bytes, body
+        buf += chunk
+
+
+def _dechunked(body: bytes) -> bytes:
+    whole, at = bytearray(), 0
+    while True:
+        end = body.index(b"\r\n", at)
+        size = int(body[at:end], 16)
+        if size == 0:
+            return bytes(whole)
+        whole += body[end + 2:end + 2 + size]
+        at = end + 2 + size + 2
 
 
 class LongPoll:
@@ -228,6 +293,19 @@ class RunningServer:
                 return value
             if time.monotonic() > deadline:
                 raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
+            time.sleep(interval)
+
+    def holds_until(self, predicate, until: float, interval: float = 0.05) -> None:
+        """Check ``predicate`` again and again until the monotonic time ``until``; fail if it is ever false.
+
+        Only answers that came back before ``until`` count: each was
+        taken earlier still, so a slow check cannot fail the test.
+        """
+        while True:
+            value = predicate()
+            if time.monotonic() >= until:
+                return
+            assert value, f"condition stopped holding {until - time.monotonic():.2f}s early (got {value!r})"
             time.sleep(interval)
 
     def settled_log(self) -> list[str]:

@@ -12,6 +12,7 @@ variable); no browser is downloaded.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -241,6 +242,43 @@ def test_200_rapid_publishes_arrive_once_and_in_order(page, site, server_factory
     sent = requests(page)
     assert len(sent) >= 2
     assert all(":" + f"{cid}n" in r["url"] for r in sent[1:])
+
+
+def server_sockets(server) -> set[str]:
+    """The sockets the server process holds open, as ``socket:[inode]``, from its descriptors (Linux ``/proc``)."""
+    fds = f"/proc/{server.process.pid}/fd"
+    try:
+        links = {os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)}
+    except OSError as exc:
+        pytest.skip(f"cannot read the server's descriptors from /proc: {exc}")
+    return {link for link in links if link.startswith("socket:")}
+
+
+@pytest.mark.parametrize("engine", ["wsgi", "lean"])
+def test_polls_are_kept_alive_chunked_and_share_one_connection(page, site, server_factory, cid, engine):
+    server = server_factory(WAIT_ENGINE=engine)
+    listening = server_sockets(server)
+    answers = []
+    page.on("response", lambda response: answers.append(response) if f"{cid}k" in response.url else None)
+    open_page(page, site, f"{site}/dklab_realplexor.js")
+    page.evaluate(f"""window.rpl = new Dklab_Realplexor({wait_url(server.wait_port)!r});
+                      rpl.subscribe("{cid}k", recorder("k")).execute()""")
+    wait_listening(server, f"{cid}k")
+    connections = [server_sockets(server) - listening]
+    for number in range(3):
+        server.publish(f"{cid}k", json.dumps(number))
+        received(page, number + 1)
+        page.wait_for_function(f"requests.length >= {number + 2}", timeout=WAIT_MS)
+        wait_listening(server, f"{cid}k")
+        connections.append(server_sockets(server) - listening)
+    assert [r["data"] for r in received(page)] == [0, 1, 2]
+    # Four polls, each parked on the same one connection, as the server's own descriptors show.
+    assert len(requests(page)) == 4
+    assert all(len(held) == 1 for held in connections), connections
+    assert len(set().union(*connections)) == 1, connections
+    for response in answers[:3]:
+        headers = response.headers
+        assert headers.get("transfer-encoding") == "chunked" and "close" not in headers.get("connection", ""), headers
 
 
 def test_empty_answers_after_wait_timeout_reconnect(page, site, server_factory, cid):

@@ -483,3 +483,175 @@ def test_online_and_stats_come_in_bounded_steps_that_miss_nothing(make_state):
     assert len(ids) == len(set(ids)) == count + 1 and "zz_after" in ids
     pieces = list(state.stats_steps())
     assert len(pieces) >= 3 and "".join(pieces) == state.stats()
+
+
+# -- cursor boundaries: strictly after the listener's cursor ------------------
+
+CURSOR = "1732486800.12345678901234"
+JUST_AFTER = "1732486800.12345678901235"
+
+
+def test_a_queued_message_at_the_listeners_cursor_is_not_replayed(state):
+    publish(state, f"{CURSOR}:a", '"at"')
+    assert state.listen(Recorder(a=CURSOR)) is None
+    publish(state, f"{JUST_AFTER}:a", '"after"')
+    parts = json.loads(state.listen(Recorder(a=CURSOR)))
+    assert [(p["data"], p["ids"]) for p in parts] == [("after", {"a": JUST_AFTER})]
+
+
+def test_queued_replay_is_strictly_after_the_cursor_on_every_channel(state):
+    # Each channel is read from its own cursor: b's cursor is a's "after".
+    publish(state, f"{CURSOR}:a,{CURSOR}:b", '"at both"')
+    publish(state, f"{JUST_AFTER}:a,{JUST_AFTER}:b", '"after both"')
+    parts = json.loads(state.listen(Recorder(a=CURSOR, b=JUST_AFTER)))
+    assert [(p["data"], p["ids"]) for p in parts] == [("after both", {"a": JUST_AFTER})]
+
+
+def test_a_live_publish_at_the_listeners_cursor_does_not_wake_it(state):
+    listener = Recorder(a=CURSOR)
+    state.listen(listener)
+    publish(state, f"{CURSOR}:a", '"at"')
+    assert listener.bodies == []
+    publish(state, f"{JUST_AFTER}:a", '"after"')
+    assert listener.parts() == [{"ids": {"a": JUST_AFTER}, "data": "after"}]
+
+
+def test_a_limited_live_publish_at_the_listeners_cursor_does_not_wake_it(state):
+    friend = Recorder(a=CURSOR, f=None)
+    state.listen(friend)
+    publish(state, f"{CURSOR}:a", '"at"', limiters={"f"})
+    assert friend.bodies == []
+    publish(state, f"{JUST_AFTER}:a", '"after"', limiters={"f"})
+    assert friend.parts() == [{"ids": {"a": JUST_AFTER}, "data": "after"}]
+
+
+def test_a_live_publish_to_several_channels_wakes_only_past_the_cursor(state):
+    # One publish at one cursor to a and b: the listener is at that cursor on
+    # a and just before it on b, so it hears the message on b alone.
+    before = "1732486800.12345678901233"
+    listener = Recorder(a=CURSOR, b=before)
+    state.listen(listener)
+    publish(state, f"{CURSOR}:a,{CURSOR}:b", '"x"')
+    assert listener.parts() == [{"ids": {"b": CURSOR}, "data": "x"}]
+    at_both = Recorder(a=CURSOR, b=CURSOR)
+    state.listen(at_both)
+    publish(state, f"{CURSOR}:a,{CURSOR}:b", '"again"')
+    assert at_both.bodies == []
+
+
+# -- limiters on a publish to several channels --------------------------------
+
+def test_a_limited_publish_to_several_channels_wakes_only_listeners_of_a_limiter(state):
+    plain = Recorder(a=None, b=None)
+    friend = Recorder(a=None, b=None, f=None)
+    friend_on_b = Recorder(b=None, f=None)
+    other_limiter = Recorder(a=None, g=None)
+    for listener in (plain, friend, friend_on_b, other_limiter):
+        state.listen(listener)
+    placed = dict(publish(state, "a,b,c", '"secret"', limiters={"f", "h"}))
+    assert friend.parts() == [{"ids": {"a": placed["a"], "b": placed["b"]}, "data": "secret"}]
+    assert friend_on_b.parts() == [{"ids": {"b": placed["b"]}, "data": "secret"}]
+    assert plain.bodies == [] and other_limiter.bodies == []
+    # Those not woken still wait, and get the next message they may see.
+    assert state.listener_count() == 2
+    publish(state, "a,b", '"public"')
+    assert [p["data"] for p in plain.parts()] == ["public"]
+    assert [p["data"] for p in other_limiter.parts()] == ["public"]
+
+
+def test_a_limited_publish_to_several_channels_is_replayed_only_to_listeners_of_a_limiter(state):
+    placed = dict(publish(state, "a,b,c", '"secret"', limiters={"f"}))
+    publish(state, "a,b", '"public"')
+    assert [p["data"] for p in json.loads(state.listen(Recorder(a="0", b="0")))] == ["public"]
+    parts = json.loads(state.listen(Recorder(a="0", b="0", f="0")))
+    assert [(p["data"], p["ids"]) for p in parts][0] == ("secret", {"a": placed["a"], "b": placed["b"]})
+    assert [p["data"] for p in parts] == ["secret", "public"]
+    only_limited = Recorder(c="0")
+    assert state.listen(only_limited) is None
+
+
+# -- offline countdowns -------------------------------------------------------
+
+def test_the_offline_countdown_runs_from_when_the_last_listener_left(state, clock):
+    first, second = Recorder(a=None), Recorder(a=None)
+    state.listen(first)
+    state.listen(second)
+    state.unlisten(first)
+    clock.now += 20
+    state.unlisten(second)            # the countdown starts here, not 20 s ago
+    clock.now += 29.9
+    state.expire()
+    assert state.online() == [("a", 0)]
+    clock.now += 0.1
+    state.expire()
+    assert state.online() == []
+
+
+def test_a_listener_woken_by_a_publish_starts_its_channels_countdown(state, clock):
+    listener = Recorder(a=None, b=None)
+    state.listen(listener)
+    start = state.position()
+    clock.now += 5
+    publish(state, "a")
+    assert state.online() == [("a", 0), ("b", 0)]
+    clock.now += 29.9
+    state.expire()
+    assert state.online() == [("a", 0), ("b", 0)]
+    clock.now += 0.1
+    state.expire()
+    assert state.online() == []
+    assert sorted((e, c) for e, _, c in state.watch(start)) == [("offline", "a"), ("offline", "b")]
+
+
+def test_a_cancelled_countdown_starts_afresh_on_the_next_leave(state, clock):
+    first = Recorder(a=None)
+    state.listen(first)
+    state.unlisten(first)
+    clock.now += 20
+    second = Recorder(a=None)
+    state.listen(second)
+    clock.now += 5
+    state.unlisten(second)
+    clock.now += 29.9                  # 54.9 s after the first leave, 29.9 after the second
+    state.expire()
+    assert state.online() == [("a", 0)]
+    clock.now += 0.1
+    state.expire()
+    assert state.online() == []
+
+
+def test_an_offline_timeout_of_zero_takes_the_channel_offline_at_the_next_expiry(make_state, clock):
+    state = make_state(offline_timeout=0)
+    listener = Recorder(a=None)
+    state.listen(listener)
+    state.unlisten(listener)
+    state.expire()
+    assert state.online() == []
+
+
+# -- event log positions and retention ----------------------------------------
+
+def test_watch_is_strictly_after_the_position_given(state):
+    state.listen(Recorder(a=None, b=None, c=None))
+    assert state.watch(11) == [("online", 12, "b"), ("online", 13, "c")]
+    assert state.watch(13) == []
+
+
+def test_the_event_log_keeps_the_newest_three_chains_of_event_chain_len_plus_one(make_state):
+    from realplexor.channels import event_log_len
+
+    state = make_state(event_log_len=event_log_len(3))       # 12 events
+    state.listen(Recorder(**{f"c{n:02d}": None for n in range(20)}))   # positions 11 to 30
+    assert state.position() == 30
+    assert state.watch(0) == [("online", 11 + n, f"c{n:02d}") for n in range(8, 20)]
+
+
+def test_reconfiguring_the_event_log_keeps_the_newest_events(make_state):
+    state = make_state(event_log_len=12)
+    state.listen(Recorder(**{f"c{n:02d}": None for n in range(10)}))   # positions 11 to 20
+    state.reconfigure(Settings(event_log_len=4))
+    assert [p for _, p, _ in state.watch(0)] == [17, 18, 19, 20]
+    state.reconfigure(Settings(event_log_len=12))
+    state.listen(Recorder(d=None))
+    assert [p for _, p, _ in state.watch(0)] == [17, 18, 19, 20, 21]
+    assert state.position() == 21

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import TIMEOUT, spawn, start_server, write_config
+from conftest import TIMEOUT, RunningServer, free_port, spawn, start_server, write_config
 
 
 def run_cli(*args, timeout=TIMEOUT) -> subprocess.CompletedProcess:
@@ -98,15 +98,28 @@ def test_sighup_reloads_and_reports_restart_only_options(tmp_path, cid):
         assert server.stop() == 0
 
 
-def test_verbosity_zero_is_silent(tmp_path):
-    process, output = spawn([sys.executable, "-m", "realplexor", "--config",
-                             str(write_config(tmp_path / "c.toml", VERBOSITY=0))])
+def test_verbosity_zero_is_silent(tmp_path, cid):
+    # Nothing is logged, so the ports are chosen here and the pidfile says when it serves.
+    wait_port, in_port, pidfile = free_port(), free_port(), tmp_path / "rpl.pid"
+    config = write_config(tmp_path / "c.toml", VERBOSITY=0, WAIT_ADDR=[f"127.0.0.1:{wait_port}"],
+                          IN_ADDR=[f"127.0.0.1:{in_port}"])
+    process, output = spawn([sys.executable, "-m", "realplexor", "--config", str(config),
+                             "--pidfile", str(pidfile)])
+    server = RunningServer(process, output, wait_port, in_port, config)
     try:
-        with pytest.raises(AssertionError):
-            output.wait_for("listening", timeout=1.5)
+        server.wait_until(lambda: process.poll() is not None or pidfile.exists())
+        assert process.poll() is None, output.text()
+        poll = server.listen(f"{cid}a")
+        server.publish(f"{cid}a", '"quietly"')
+        assert json.loads(poll.response().body[3:])[0]["data"] == "quietly"
+        assert server.online(cid) == {f"{cid}a": 0}
+        assert process.poll() is None
     finally:
-        process.terminate()
-        process.wait(TIMEOUT)
+        status = server.stop()
+    assert status == 0
+    # The output is read to its end once the process has exited: all of it is here.
+    output.wait_closed()
+    assert output.lines == []
 
 
 def test_help():

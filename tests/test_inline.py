@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import TIMEOUT, parse_response, read_to_eof
+from conftest import TIMEOUT, beyond_socket_buffers, parse_response, read_to_eof, slow_reader
 
 USERS = """\
 bob:$2y$05$KxGwGY8qwZGoK7BTXhDjPON/DUwMBHOcxpLnNCb//pX7wtf7jeJ8i
@@ -541,3 +541,29 @@ def test_online_over_many_channels_lets_other_clients_be_served_meanwhile(server
             big.recv(1, socket.MSG_PEEK)
         reply = parse_response(read_to_eof(big))
     assert len(reply.text.splitlines()) == 100_001
+
+
+@pytest.mark.parametrize("command", ["ONLINE", "STATS"])
+def test_a_reply_larger_than_the_socket_buffers_reaches_a_late_reader_whole(server_factory, cid, command):
+    size = beyond_socket_buffers()
+    server = server_factory(WAIT_MAXLEN=2 * size)
+    # Six online channels with ids so long that ONLINE and STATS (which names them) pass the size.
+    ids = [f"{cid}big{n}_" + "x" * (size // 6) for n in range(6)]
+    server.poll("", method="POST", body=f"identifier={','.join(ids)}".encode()).headers_arrived()
+    sock = slow_reader(server.in_port)
+    try:
+        sock.sendall(f"{command} {cid}big\n\n".encode() if command == "ONLINE" else b"STATS\n\n")
+        sock.shutdown(socket.SHUT_WR)
+        # The reply cannot all leave while this client reads nothing; others are served meanwhile.
+        poll = server.listen(f"{cid}small")
+        server.publish(f"{cid}small", '"meanwhile"')
+        assert received(poll)[0]["data"] == "meanwhile"
+        assert server.command(f"ONLINE {cid}small").text == f"{cid}small 0\n"
+        reply = parse_response(read_to_eof(sock))
+    finally:
+        sock.close()
+    assert reply.status == 200 and int(reply.headers["content-length"]) == len(reply.body) > size
+    if command == "ONLINE":
+        assert reply.text == "".join(f"{channel} 1\n" for channel in sorted(ids))
+    else:
+        assert all(f"[{channel}] online=yes listeners=1 queued=0" in reply.text for channel in ids)

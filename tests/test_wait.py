@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 
 import pytest
 
-from conftest import parse_response, read_to_eof, start_server, write_config
+from conftest import (beyond_socket_buffers, parse_response, read_answer, read_to_eof, slow_reader,
+                      start_server, write_config)
 
 ENGINES = ["wsgi", "lean"]
 
@@ -158,6 +160,21 @@ def test_limited_message_is_not_visible_in_history_either(server, cid):
     assert [p["data"] for p in body] == ["secret", "public"]
 
 
+def test_a_limited_publish_to_several_channels_reaches_only_listeners_of_a_limiter(server, cid):
+    plain = server.listen(f"{cid}a,{cid}b")
+    allowed = server.listen(f"{cid}a,{cid}b,{cid}friend")
+    allowed_on_b = server.listen(f"{cid}b,{cid}friend")
+    server.publish(f"{cid}a,{cid}b,{cid}c,*{cid}friend", '"secret"')
+    secret = parts(allowed.response())
+    assert [(p["data"], sorted(p["ids"])) for p in secret] == [("secret", [f"{cid}a", f"{cid}b"])]
+    assert [(p["data"], list(p["ids"])) for p in parts(allowed_on_b.response())] == [("secret", [f"{cid}b"])]
+    # The plain listener still waits: the next publish is the first thing it gets.
+    server.publish(f"{cid}a,{cid}b", '"public"')
+    assert [p["data"] for p in parts(plain.response())] == ["public"]
+    replayed = parts(server.poll(f"identifier=0:{cid}a,0:{cid}b").response())
+    assert [p["data"] for p in replayed] == ["public"]
+
+
 def test_limiters_are_not_publish_targets(server, cid):
     friend = server.listen(f"{cid}friend")
     server.publish(f"{cid}a,*{cid}friend", '"secret"')
@@ -239,15 +256,51 @@ def test_long_post_body_sent_at_once_is_a_413_not_a_reset(server, cid):
     assert b"WAIT_MAXLEN" in response.body
 
 
-def test_chunked_post_over_the_limit_is_a_413(server, cid):
-    ids = ",".join(f"{cid}{n}" for n in range(600)).encode()
-    body = b"identifier=" + ids
+@pytest.mark.parametrize("how", ["at once", "in pieces", "never ended"])
+@pytest.mark.parametrize("size", ["just over", "far over"])
+def test_chunked_post_over_the_limit_is_a_413(server, cid, how, size):
+    # WAIT_MAXLEN (5120 by default) counts the request target and the body.
+    # A body that never ends is refused once past the limit, not at its end.
+    count = 400 if size == "just over" else 20000
+    body = b"identifier=" + ",".join(f"{cid}{n}" for n in range(count)).encode()
+    assert len(body) > 5120
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 500]), body[i:i + 500])
-                      for i in range(0, len(body), 500)) + b"0\r\n\r\n"
-    poll = server.poll("", method="GET", headers="Transfer-Encoding: chunked\r\n")
-    poll.sock.sendall(chunks)
-    response = poll.response()
-    assert response.status in (400, 413)
+                      for i in range(0, len(body), 500))
+    if how != "never ended":
+        chunks += b"0\r\n\r\n"
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        if how != "in pieces":
+            sock.sendall(request)
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for start in range(0, len(request), 1000):
+                sock.sendall(request[start:start + 1000])
+        response = parse_response(read_to_eof(sock))
+    assert response.status == 413, response.raw[:300]
+    assert b"WAIT_MAXLEN (5120 bytes)" in response.body
+    assert server.online(cid) == {}
+
+
+def test_post_declaring_a_body_over_the_limit_is_a_413_without_waiting_for_it(server, cid):
+    head = f"POST /?identifier={cid}a HTTP/1.1\r\nHost: x\r\nContent-Length: 6000\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        sock.sendall(head + b"identifier=")     # the rest of the body never comes
+        response = parse_response(read_to_eof(sock))
+    assert response.status == 413, response.raw[:300]
+    assert b"WAIT_MAXLEN (5120 bytes)" in response.body
+    assert server.online(cid) == {}
+
+
+def test_endless_headers_are_refused_without_waiting_for_their_end(server_factory, cid):
+    server = server_factory(WAIT_REQUEST_TIMEOUT=60)
+    headers = b"".join(b"X-Filler-%d: %s\r\n" % (n, b"f" * 1000) for n in range(200))
+    with socket.create_connection(("127.0.0.1", server.wait_port), timeout=10) as sock:
+        # 200 KB of headers and no blank line: refused long before WAIT_REQUEST_TIMEOUT.
+        sock.sendall(f"GET /?identifier={cid}a HTTP/1.1\r\nHost: x\r\n".encode() + headers)
+        response = parse_response(read_to_eof(sock))
+    assert response.status in (400, 413), response.raw[:300]
+    assert server.online(cid) == {}
 
 
 def test_client_that_disconnects_mid_wait_is_removed(server, cid):
@@ -258,29 +311,34 @@ def test_client_that_disconnects_mid_wait_is_removed(server, cid):
     assert server.wait_until(lambda: server.online(cid) == {f"{cid}a": 0, f"{cid}b": 0})
 
 
-def test_offline_only_after_the_last_listener_leaves(server, cid):
-    # The shared server runs with OFFLINE_TIMEOUT = 1.
+def test_offline_timeout_runs_from_when_the_last_listener_left(server_factory, cid):
+    server = server_factory(OFFLINE_TIMEOUT=3)
     first = server.listen(f"{cid}a")
     second = server.listen(f"{cid}a")
     start = server.command("WATCH").text.split()[1].split(":")[0]
     first.close()
-    time.sleep(1.6)
-    assert server.online(cid) == {f"{cid}a": 1}
+    server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
     second.close()
-    assert server.wait_until(lambda: server.online(cid) == {f"{cid}a": 0})
-    assert server.wait_until(lambda: server.online(cid) == {}, timeout=5)
+    left = time.monotonic()
+    server.wait_until(lambda: server.online(cid) == {f"{cid}a": 0})
+    # Online with no listener for the whole OFFLINE_TIMEOUT (less a margin for
+    # noticing the close), then offline soon after it.
+    server.holds_until(lambda: server.online(cid) == {f"{cid}a": 0}, until=left + 2.5)
+    server.wait_until(lambda: server.online(cid) == {}, timeout=3)
+    assert time.monotonic() - left < 4.5
     events = server.command(f"WATCH {start} {cid}").text.splitlines()
     assert [e.split()[0] for e in events] == ["offline"]
 
 
 def test_new_listener_within_offline_timeout_cancels_offline(server, cid):
+    # The shared server runs with OFFLINE_TIMEOUT = 1.
     poll = server.listen(f"{cid}a")
     start = server.command("WATCH").text.split()[1].split(":")[0]
     poll.close()
+    left = time.monotonic()
     server.wait_until(lambda: server.online(cid) == {f"{cid}a": 0})
     again = server.listen(f"{cid}a")
-    time.sleep(1.5)
-    assert server.online(cid) == {f"{cid}a": 1}
+    server.holds_until(lambda: server.online(cid) == {f"{cid}a": 1}, until=left + 1.6)
     assert server.command(f"WATCH {start} {cid}").text == ""
     again.close()
 
@@ -828,6 +886,85 @@ def test_an_answer_not_taken_in_time_is_dropped(server_factory, cid):
         assert len(got) < len(big)
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("when", ["queued", "published while parked"])
+@pytest.mark.parametrize("keep_alive", [True, False], ids=["kept alive", "close"])
+def test_an_answer_larger_than_the_socket_buffers_reaches_a_late_reader_whole(server_factory, cid,
+                                                                              keep_alive, when):
+    size = beyond_socket_buffers()
+    server = server_factory(IN_MAXLEN=size + 1000, WAIT_MAX_ANSWER=3 * size)
+    sent = [f"{n}:" + "x" * (size // 2) for n in range(2)]
+    sock = slow_reader(server.wait_port)
+    connection = "Connection: keep-alive\r\n" if keep_alive else ""
+    try:
+        if when == "queued":
+            for data in sent:
+                server.publish(f"{cid}a", json.dumps(data))
+            sock.sendall(f"GET /?identifier=0:{cid}a HTTP/1.1\r\nHost: x\r\n{connection}\r\n".encode())
+        else:
+            sock.sendall(f"GET /?identifier={cid}a HTTP/1.1\r\nHost: x\r\n{connection}\r\n".encode())
+            server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
+            server.publish(f"{cid}a", json.dumps(sent[0]))
+            sent = sent[:1]
+        # The answer cannot all leave while this client reads nothing; others are served meanwhile.
+        other = server.listen(f"{cid}b")
+        server.publish(f"{cid}b", '"meanwhile"')
+        assert [p["data"] for p in parts(other.response())] == ["meanwhile"]
+        head, body = read_answer(sock)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert body.startswith(b" \r\n")
+        got = json.loads(body[3:])
+        assert [part["data"] for part in got] == sent
+        if keep_alive:
+            # The connection carries the next poll as usual.
+            cursor = got[-1]["ids"][f"{cid}a"]
+            sock.sendall(f"GET /?identifier={cursor}:{cid}a HTTP/1.1\r\nHost: x\r\n{connection}\r\n".encode())
+            server.wait_until(lambda: server.online(cid).get(f"{cid}a") == 1)
+            server.publish(f"{cid}a", '"next"')
+            _, body = read_answer(sock)
+            assert [part["data"] for part in json.loads(body)] == ["next"]
+        else:
+            assert read_to_eof(sock) == b""
+    finally:
+        sock.close()
+
+
+def test_sighup_reload_takes_effect_and_parked_polls_survive_it(server_factory, engine, cid):
+    old, new = "http://old.example", "http://new.example"
+    server = server_factory(CORS_ORIGINS=[old], MAX_DATA_FOR_ID=30)
+    # Polls from each origin, before the reload: their headers are made (and kept) now.
+    parked = server.listen(f"{cid}a", headers=f"Origin: {old}\r\n")
+    assert f"Access-Control-Allow-Origin: {old}\r\n".encode() in parked.headers_arrived()
+    kept = KeptAlive(server.wait_port)
+    try:
+        # A kept-alive poll's headers, made now, go out with its answer.
+        kept.sock.sendall(f"GET /?identifier={cid}a HTTP/1.1\r\nHost: x\r\nOrigin: {old}\r\n"
+                          f"Connection: keep-alive\r\n\r\n".encode())
+        assert b"Access-Control" not in server.listen(f"{cid}b", headers=f"Origin: {new}\r\n").headers_arrived()
+        server.wait_until(lambda: server.online(cid) == {f"{cid}a": 2, f"{cid}b": 1})
+
+        write_config(server.config_path, WAIT_ENGINE=engine, CORS_ORIGINS=[new], MAX_DATA_FOR_ID=2)
+        reloads = server.output.text().count("configuration reloaded")
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_until(lambda: server.output.text().count("configuration reloaded") > reloads)
+
+        # The polls parked before the reload are still there and get the next message.
+        assert server.online(cid) == {f"{cid}a": 2, f"{cid}b": 1}
+        server.publish(f"{cid}a", '"after the reload"')
+        assert [p["data"] for p in parts(parked.response())] == ["after the reload"]
+        head, body = kept.read_response()
+        assert f"Access-Control-Allow-Origin: {old}" in head
+        assert [p["data"] for p in json.loads(body)] == ["after the reload"]
+        # The new configuration: the old origin is no longer allowed, the new one is.
+        assert b"Access-Control" not in server.listen(f"{cid}c", headers=f"Origin: {old}\r\n").headers_arrived()
+        assert (f"Access-Control-Allow-Origin: {new}\r\n".encode()
+                in server.listen(f"{cid}c", headers=f"Origin: {new}\r\n").headers_arrived())
+        for n in range(4):
+            server.publish(f"{cid}d", str(n))
+        assert [p["data"] for p in parts(server.get(f"identifier=0:{cid}d"))] == [2, 3]
+    finally:
+        kept.close()
 
 
 def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(server_factory, cid):
