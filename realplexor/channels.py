@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from itertools import islice
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence
 
 from sortedcontainers import SortedList
 
@@ -53,6 +53,28 @@ class Settings:
     event_log_len: int = 3003
     max_answer: int = 1 << 20
     max_queue_bytes: int = 256 << 20
+
+
+class StateCounts(NamedTuple):
+    """What the state holds now, and what it has done since it started.
+
+    Gauges first (channels known, online, listeners, channels with a
+    queue, distinct messages queued and their bytes), then totals that
+    only grow: publishes, answers delivered to polls (woken or answered
+    at once from the queues) and the body bytes of those answers, and
+    queues dropped over MAX_QUEUE_MB.
+    """
+
+    channels: int = 0
+    online: int = 0
+    listeners: int = 0
+    queued_channels: int = 0
+    queued_messages: int = 0
+    queued_bytes: int = 0
+    publishes: int = 0
+    deliveries: int = 0
+    delivered_bytes: int = 0
+    queues_dropped: int = 0
 
 
 # The position of a fresh state's event log, before any event. The old
@@ -148,6 +170,19 @@ class ChannelState(abc.ABC):
     def listener_count(self) -> int:
         """How many listeners are registered now."""
 
+    @abc.abstractmethod
+    def counts(self) -> StateCounts:
+        """The state's figures now, in O(1): read at every metrics scrape."""
+
+    def ready(self) -> str | None:
+        """None when the state can take work now; otherwise why not, in one line.
+
+        Called often (a load balancer asks every second or so), so it must
+        be cheap and never wait: a shared store answers from what it last
+        saw of its connection. The in-memory state is always ready.
+        """
+        return None
+
 
 class _Message:
     """One publish; shared by every channel queue it went to.
@@ -241,9 +276,13 @@ class MemoryChannels(ChannelState):
         self._position = FIRST_POSITION
         self._listeners = 0
         self._published = 0
+        # Answers handed to listeners, and their body bytes (for the metrics).
+        self._delivered = 0
+        self._delivered_bytes = 0
         # Queued bytes (each message once) and the channels with a queue,
         # least recently published to first: MAX_QUEUE_MB drops from the front.
         self._queued_bytes = 0
+        self._queued_messages = 0
         self._by_publish: OrderedDict[str, None] = OrderedDict()
         self._queue_guard = QueueGuard()
         # Online channel ids, sorted: ONLINE reads a prefix's range, not every channel.
@@ -265,6 +304,8 @@ class MemoryChannels(ChannelState):
         self._clean_if_idle(cursors)
         body = self._answer_from_queues(cursors)
         if body is not None:
+            self._delivered += 1
+            self._delivered_bytes += len(body)
             return body
         for channel_id in cursors:
             channel = self._channels.get(channel_id)
@@ -389,12 +430,14 @@ class MemoryChannels(ChannelState):
     def _hold(self, message: _Message) -> None:
         if not message.queued:
             self._queued_bytes += len(message.data)
+            self._queued_messages += 1
         message.queued += 1
 
     def _release(self, message: _Message) -> None:
         message.queued -= 1
         if not message.queued:
             self._queued_bytes -= len(message.data)
+            self._queued_messages -= 1
 
     def _empty_queue(self, channel_id: str, channel: _Channel) -> None:
         if channel.queue is not None:
@@ -439,6 +482,8 @@ class MemoryChannels(ChannelState):
                 if body is None:
                     ids = [(placed[index][0], placed[index][2]) for index in reached]
                     body = bodies[reached] = render_wait_body_one(ids, message.data)
+                self._delivered += 1
+                self._delivered_bytes += len(body)
                 self.unlisten(listener)
                 listener.deliver(body)
 
@@ -453,6 +498,8 @@ class MemoryChannels(ChannelState):
         if not woken:
             return
         body = render_wait_body_one(((channel_id, text),), message.data)
+        self._delivered += len(woken)
+        self._delivered_bytes += len(body) * len(woken)
         unlisten = self.unlisten
         for listener in woken:
             unlisten(listener)
@@ -536,6 +583,12 @@ class MemoryChannels(ChannelState):
 
     def listener_count(self) -> int:
         return self._listeners
+
+    def counts(self) -> StateCounts:
+        return StateCounts(len(self._channels), len(self._online_ids), self._listeners,
+                           len(self._by_publish), self._queued_messages, self._queued_bytes,
+                           self._published, self._delivered, self._delivered_bytes,
+                           self._queue_guard.total)
 
     def stats(self) -> str:
         return "".join(self.stats_steps())
