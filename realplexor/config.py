@@ -65,6 +65,7 @@ class Config:
     SU_USER: str = ""
     CORS_ORIGINS: tuple[str, ...] = ("*",)
     WAIT_ENGINE: str = "wsgi"
+    METRICS: bool = True
 
     def substitutions(self) -> dict[str, str]:
         """Values for ``$NAME`` placeholders in the IFRAME and SCRIPT pages."""
@@ -81,7 +82,7 @@ VERBOSE = 15
 LOG_LEVELS = {0: logging.ERROR, 1: logging.INFO, 2: VERBOSE, 3: logging.DEBUG}
 
 # Options a running server cannot take on without re-binding or re-exec.
-RESTART_ONLY = frozenset({"WAIT_ADDR", "IN_ADDR", "SU_USER", "MAX_MEM_MB", "WAIT_ENGINE"})
+RESTART_ONLY = frozenset({"WAIT_ADDR", "IN_ADDR", "SU_USER", "MAX_MEM_MB", "WAIT_ENGINE", "METRICS"})
 WAIT_ENGINES = ("wsgi", "lean")
 
 _NUMBER_MINIMUMS = {
