@@ -16,7 +16,7 @@ import logging
 import socket
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator, TypeVar
 
 import gevent
 import gevent.socket
@@ -25,6 +25,7 @@ from gevent.hub import get_hub
 from .clientlog import peer
 
 log = logging.getLogger("realplexor")
+T = TypeVar("T")
 
 READ = 1
 # Connections accepted per wake-up of the listening socket: enough to
@@ -260,3 +261,9 @@ class Sweeper:
             except Exception:  # noqa: BLE001 - the sweeper must outlive a bug
                 log.exception("%s: sweeping timeouts failed", self._what)
 
+
+def between_turns(steps: Iterator[T]) -> Iterator[T]:
+    """The items of ``steps``, letting the event loop serve others between them (in a greenlet)."""
+    for item in steps:
+        yield item
+        gevent.sleep(0)
