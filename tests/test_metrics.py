@@ -1,7 +1,10 @@
 """GET /metrics over real sockets, read with prometheus_client's own parser; the loop-lag timer."""
 from __future__ import annotations
 
+import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -9,6 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import start_server, write_config, write_users_file
 from realplexor.metrics import LoopLag
 from test_routes import call, error
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana-dashboard.json"
 
 
 class Scrape:
@@ -129,3 +134,17 @@ def test_any_login_may_read_the_metrics_of_a_guarded_server(tmp_path):
     finally:
         server.stop()
 
+
+def test_every_dashboard_panel_reads_metrics_the_server_exports(server_factory):
+    names = scrape(server_factory()).names()
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [panel for panel in dashboard["panels"] if panel.get("type") != "row"]
+    wanted = {"connections", "publishes", "deliveries", "refus", "lag", "memory"}
+    titles = " ".join(panel["title"].lower() for panel in panels)
+    assert all(word in titles for word in wanted), titles
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            used = set(re.findall(r"\b((?:realplexor|process)_[a-z_]+)\b", target["expr"]))
+            assert used, target["expr"]
+            assert used <= names, (panel["title"], used - names)
