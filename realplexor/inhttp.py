@@ -170,8 +170,8 @@ def render_reply(status: int, body: bytes, content_type: str, headers: Headers =
 
 
 def render_json(status: int, value: object, headers: Headers = (), head_only: bool = False) -> bytes:
-    """A JSON reply carrying ``value``."""
-    body = simplejson.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """A JSON reply carrying ``value``, ended by a line break (for a shell's prompt)."""
+    body = simplejson.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
     return render_reply(status, body, "application/json", headers, head_only)
 
 

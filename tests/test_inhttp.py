@@ -118,10 +118,10 @@ def test_replies_are_http_1_0_with_their_length():
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200 OK\r\n")
     assert b"\r\nContent-Length: %d\r\n" % len(body) in head + b"\r\n"
-    assert body == '{"online":{"é":1}}'.encode()
+    assert body == '{"online":{"é":1}}\n'.encode()
     assert render_reply(200, b"abc", "text/plain", head_only=True).endswith(b"Content-Length: 3\r\n"
                                                                            b"Cache-Control: no-store\r\n\r\n")
     error = render_api_error(ApiError(401, "who?", (("WWW-Authenticate", 'Basic realm="realplexor"'),)))
     assert error.startswith(b"HTTP/1.0 401 Unauthorized\r\n")
     assert b'\r\nWWW-Authenticate: Basic realm="realplexor"\r\n' in error
-    assert error.endswith(b'\r\n\r\n{"error":"who?"}')
+    assert error.endswith(b'\r\n\r\n{"error":"who?"}\n')

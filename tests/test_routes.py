@@ -269,3 +269,28 @@ def test_a_login_sees_only_its_own_ids_online_and_in_watch(guarded, cid):
                          login=alice))["events"]
     assert [event["id"] for event in events] == [f"alice_{cid}seen"]
     assert answer(call(guarded, "GET", f"/watch?pos={start}", login=alice))["events"] == []
+
+
+def test_the_readme_curl_commands_run_as_pasted(tmp_path):
+    import shutil
+    import subprocess
+
+    from test_client import readme_snippet
+
+    if shutil.which("curl") is None:
+        pytest.skip("no curl")
+    users = write_users_file(tmp_path / "users.htpasswd", {"alice": "secret"}, anonymous=True)
+    server = start_server(write_config(tmp_path / "realplexor.toml", USERS_FILE=str(users)))
+    try:
+        script = readme_snippet("sh", "## Monitoring and the JSON API").replace("10010", str(server.in_port))
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[:3] == ["ok", "ready", "realplexor_publishes_total 0.0"]
+        answers = [json.loads(line) for line in lines[3:]]
+        assert [sorted(answer) for answer in answers] == [["ids"], ["ids"], ["online"], ["events", "pos"],
+                                                          ["events", "pos"], ["online"]]
+        assert answers[1]["ids"]["Alpha"] == "1732486800.5"
+    finally:
+        server.stop()
