@@ -1,5 +1,9 @@
 """The IN line: back ends publish and ask for ONLINE, WATCH and STATS.
 
+Requests whose request line names one of the HTTP routes (health,
+readiness, metrics, the JSON API) are read as HTTP and served by
+:mod:`realplexor.routes`; every other request keeps the old protocol.
+
 One connection carries one request. It is served as soon as it is
 complete: when ``Content-Length`` body bytes have arrived, or when the
 client closes its writing side, whichever comes first. Connections are

@@ -245,6 +245,44 @@ def test_wrong_credentials_are_a_403(guarded):
     assert "Basic" in error(call(guarded, "GET", "/online", headers="Authorization: Bearer x\r\n"), 400)
 
 
+def test_too_many_password_checks_waiting_is_a_json_503(tmp_path):
+    import selectors
+
+    from realplexor.auth import MAX_WAITING_CHECKS
+
+    # bcrypt at its default cost takes a good fraction of a second: the
+    # checks pile up behind the first two while every request arrives.
+    users = write_users_file(tmp_path / "users.htpasswd", {"alice": "secret"})
+    server = start_server(write_config(tmp_path / "realplexor.toml", USERS_FILE=str(users)))
+    socks = []
+    try:
+        with selectors.DefaultSelector() as selector:
+            for n in range(MAX_WAITING_CHECKS + 6):
+                sock = socket.create_connection(("127.0.0.1", server.in_port), timeout=TIMEOUT)
+                token = base64.b64encode(f"alice:wrong{n}".encode()).decode()
+                sock.sendall(f"GET /online HTTP/1.1\r\nAuthorization: Basic {token}\r\n\r\n".encode())
+                sock.setblocking(False)
+                selector.register(sock, selectors.EVENT_READ, bytearray())
+                socks.append(sock)
+            busy = []
+            while len(busy) < 6:
+                events = selector.select(TIMEOUT)
+                assert events, f"only {len(busy)} answers of 503"
+                for key, _ in events:
+                    chunk = key.fileobj.recv(65536)
+                    key.data.extend(chunk)
+                    if not chunk:
+                        selector.unregister(key.fileobj)
+                        response = parse_response(bytes(key.data))
+                        assert response.status == 503, response.raw
+                        busy.append(error(response, 503))
+        assert set(busy) == {"too many password checks waiting; try again shortly"}
+    finally:
+        for sock in socks:
+            sock.close()
+        server.stop()
+
+
 def test_a_login_publishes_only_to_its_own_ids(guarded):
     poll = guarded.listen("alice_room")
     body = answer(call(guarded, "POST", "/publish", {"ids": ["alice_room", "bob_room"], "data": "hi"},
