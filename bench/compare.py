@@ -22,6 +22,11 @@ any Python server (re-park and rate only).
 
     python compare.py                     # everything (several minutes)
     python compare.py --kinds lean,nchan --broadcast 1000 --memory 1000
+
+Realplexor's own switches: --no-metrics runs it with METRICS = false;
+--scrape S has a thread GET /metrics every S seconds while it serves, as
+Prometheus would; --publish-via json publishes with POST /publish (the
+JSON API) instead of the old protocol's POST /.
 """
 from __future__ import annotations
 
@@ -144,15 +149,32 @@ class FloorServer:
 
 
 class Realplexor:
-    """A Realplexor server with one WAIT engine, pinned to the server CPU."""
+    """A Realplexor server with one WAIT engine, pinned to the server CPU.
 
-    def __init__(self, engine: str, keep_alive: bool = True) -> None:
+    ``options`` (from the command line): ``metrics`` (bool), ``scrape``
+    (seconds between GET /metrics, 0 for none), ``publish_via`` ("old" or "json").
+    """
+
+    def __init__(self, engine: str, keep_alive: bool = True, options: dict | None = None) -> None:
+        options = options or {}
         self.name = engine if keep_alive else f"{engine} (close)"
         self.keep_alive = keep_alive
+        self.json_publish = options.get("publish_via") == "json"
+        extra = {} if options.get("metrics", True) else {"METRICS": False}
         self.server = ServerProcess(cpus=SERVER_CPU, WAIT_ENGINE=engine, WAIT_TIMEOUT=3600,
-                                    OFFLINE_TIMEOUT=3600)
+                                    OFFLINE_TIMEOUT=3600, **extra)
         self.server.start()
         self.wait_port, self.in_port = self.server.wait_port, self.server.in_port
+        self._scraping = threading.Event()
+        self.scrapes = 0
+        if options.get("scrape"):
+            threading.Thread(target=self._scrape, args=(options["scrape"],), daemon=True).start()
+
+    def _scrape(self, interval: float) -> None:
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        while not self._scraping.wait(interval):
+            _send_request(self.in_port, request, (b"HTTP/1.0 200",))
+            self.scrapes += 1
 
     def rss(self) -> int:
         return self.server.rss()
@@ -163,8 +185,13 @@ class Realplexor:
         return self.server.cpu_seconds()
 
     def publish(self, channel: str, data: bytes) -> float:
-        request = (f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
-                   f"X-Realplexor: identifier={channel}\r\n\r\n").encode() + data
+        if self.json_publish:
+            body = b'{"ids":["%s"],"data":%s}' % (channel.encode(), data)
+            request = (f"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                       f"\r\n").encode() + body
+        else:
+            request = (f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+                       f"X-Realplexor: identifier={channel}\r\n\r\n").encode() + data
         return _send_request(self.in_port, request, (b"HTTP/1.0 200",))
 
     def waiting(self) -> int:
@@ -175,6 +202,7 @@ class Realplexor:
         return f"GET /?identifier={channel} HTTP/1.1\r\nHost: x\r\n{connection}\r\n".encode()
 
     def stop(self) -> None:
+        self._scraping.set()
         self.server.stop()
 
 
@@ -424,13 +452,17 @@ class _Crowd:
 
 # -- scenarios -----------------------------------------------------------------
 
+# Realplexor's switches from the command line (see Realplexor).
+REALPLEXOR_OPTIONS: dict = {}
+
+
 def make_server(kind: str):
     if kind == "nchan":
         return Nginx()
     if kind == "floor":
         return FloorServer()
     engine, _, mode = kind.partition("-")
-    return Realplexor(engine, keep_alive=mode != "close")
+    return Realplexor(engine, keep_alive=mode != "close", options=REALPLEXOR_OPTIONS)
 
 
 def client_kind(kind: str) -> str:
@@ -553,7 +585,13 @@ def main() -> None:
     parser.add_argument("--rate-seconds", type=float, default=5.0)
     parser.add_argument("--publishers", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None, help="also write all results here")
+    parser.add_argument("--no-metrics", action="store_true", help="Realplexor with METRICS = false")
+    parser.add_argument("--scrape", type=float, default=0.0, metavar="S",
+                        help="GET Realplexor's /metrics every S seconds while it serves (0: never)")
+    parser.add_argument("--publish-via", choices=["old", "json"], default="old",
+                        help="publish with the old protocol (POST /) or the JSON API (POST /publish)")
     args = parser.parse_args()
+    REALPLEXOR_OPTIONS.update(metrics=not args.no_metrics, scrape=args.scrape, publish_via=args.publish_via)
     raise_fd_limit()
     os.sched_setaffinity(0, {LOAD_CPU})   # the publisher and this driver: the load CPU
     if "nchan" in args.kinds and not shutil.which("nginx"):

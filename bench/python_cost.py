@@ -8,6 +8,7 @@ state, rendering, watchers and deadlines. Two cases:
   rate       N polls on their own channels: per publish (from its bytes
              to the body handed to the waiting socket) and per re-park
              (from the next request's bytes to the poll parked again);
+             per publish again through the JSON API (POST /publish);
   broadcast  N polls of one channel: per re-park after a broadcast, when
              every poll asks with the same identifier.
 
@@ -40,6 +41,8 @@ from realplexor.wait_lean import LeanPoll, LeanWaitServer  # noqa: E402
 POLL = b"GET /?identifier=%s&ncrnd=%d HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"
 PUBLISH = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n"
            b"X-Realplexor: identifier=%s\r\n\r\n{\"m\":1}")
+JSON_BODY = b'{"ids":["%s"],"data":{"m":1}}'
+PUBLISH_JSON = b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
 
 
 class StandIn:
@@ -89,12 +92,18 @@ class Servers:
         self.inline = InServer(listen_socket("127.0.0.1", 0), InLine(config, self.state, Users(":\n")))
 
     def park(self, channel: str, number: int) -> LeanPoll:
-        poll = LeanPoll(self.wait, StandIn(POLL % (channel.encode(), number)), time.monotonic() + 60)
+        poll = LeanPoll(self.wait, StandIn(POLL % (channel.encode(), number)),
+                        time.monotonic() + self.wait.line.config.WAIT_REQUEST_TIMEOUT)
         self.wait._read_now(poll)
         return poll
 
-    def publish(self, channel: str) -> None:
-        self.inline._accepted(StandIn(PUBLISH % channel.encode()), ("127.0.0.1", 1))
+    def publish(self, channel: str, json_api: bool = False) -> None:
+        if json_api:
+            body = JSON_BODY % channel.encode()
+            request = PUBLISH_JSON % (len(body), body)
+        else:
+            request = PUBLISH % channel.encode()
+        self.inline._accepted(StandIn(request), ("127.0.0.1", 1))
 
     def ask_again(self, poll: LeanPoll, channel: str, number: int) -> None:
         """Queue the poll's next request, from the cursor of the body it got."""
@@ -120,7 +129,7 @@ class Servers:
             poll.sock.close()
 
 
-def rate_case(servers: Servers, n: int, rounds: int) -> tuple[float, float]:
+def rate_case(servers: Servers, n: int, rounds: int, json_api: bool = False) -> tuple[float, float]:
     """Microseconds per publish and per re-park, polls on their own channels."""
     channels = [f"own{i}" for i in range(n)]
     polls = [servers.park(channel, i) for i, channel in enumerate(channels)]
@@ -128,7 +137,7 @@ def rate_case(servers: Servers, n: int, rounds: int) -> tuple[float, float]:
     for _ in range(rounds):
         started = time.perf_counter()
         for channel in channels:
-            servers.publish(channel)
+            servers.publish(channel, json_api)
         publish += time.perf_counter() - started
         repark += servers.repark(polls, channels)
     servers.close(polls)
@@ -156,6 +165,8 @@ def main() -> None:
     rate_case(Servers(), args.n, 2)     # warm up
     publish, repark = rate_case(Servers(), args.n, args.rounds)
     print(f"rate       per publish {publish:6.2f} us   per re-park {repark:6.2f} us")
+    publish, _ = rate_case(Servers(), args.n, args.rounds, json_api=True)
+    print(f"rate       per publish {publish:6.2f} us   through the JSON API (POST /publish)")
     shared = broadcast_case(Servers(), args.n, args.rounds)
     print(f"broadcast  per re-park {shared:6.2f} us (every poll with the same identifier)")
     if args.profile:

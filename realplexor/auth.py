@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Sequence
 
+from gevent.threadpool import ThreadPool
 from passlib.apache import HtpasswdFile
 
 from .protocol import ProtocolError
@@ -29,10 +31,25 @@ class Principal:
         """Whether this client may publish to or see ``channel_id``."""
         return self.login is None or channel_id.startswith(self.prefix)
 
+    def scoped(self, prefixes: Sequence[str]) -> Sequence[str] | None:
+        """The id prefixes this client may query; None when it may see nothing.
+
+        A logged-in client sees only ids under its own ``LOGIN_`` prefix, so
+        its prefixes must lie within it, and no prefix means nothing at all.
+        """
+        if self.login is None:
+            return prefixes
+        own = [p for p in prefixes if p.startswith(self.prefix)]
+        return own or None
+
 
 GUEST = Principal()
 # Checked credentials remembered per users file (see Users.authenticate).
 VERIFIED_CACHE_SIZE = 1024
+# Password hashes are checked in these many threads (bcrypt leaves the
+# GIL); more checks wait their turn, up to MAX_WAITING_CHECKS, then 503.
+PASSWORD_CHECK_THREADS = 2
+MAX_WAITING_CHECKS = 64
 
 
 class Users:
@@ -101,3 +118,30 @@ class Users:
 
 def _key(login: str, password: str | None) -> tuple[str, bytes]:
     return login, hashlib.sha256((password or "").encode("utf-8")).digest()
+
+
+class PasswordChecks:
+    """Password hashes checked in a small pool of threads, off the event loop."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPool | None = None
+        self._waiting = 0
+
+    def check(self, users: Users, login: str, password: str | None) -> Principal:
+        """``users.check`` in a worker thread (blocks the calling greenlet).
+
+        ProtocolError 403 for wrong credentials, 503 when too many checks wait.
+        """
+        if self._waiting >= MAX_WAITING_CHECKS:
+            raise ProtocolError(503, "too many password checks waiting; try again shortly")
+        self._waiting += 1
+        try:
+            return self._threads().apply(users.check, (login, password))
+        finally:
+            self._waiting -= 1
+
+    def _threads(self) -> ThreadPool:
+        # Made on first use, in the process that serves (gunicorn forks after import).
+        if self._pool is None:
+            self._pool = ThreadPool(PASSWORD_CHECK_THREADS)
+        return self._pool

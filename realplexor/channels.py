@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import time
 from decimal import Decimal
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 from .cursors import CursorClock
 from .fanout import FanOut, Listener
@@ -24,7 +24,29 @@ from .protocol import render_wait_body
 from .store import FIRST_POSITION, MemoryStore, Settings, event_log_len
 
 __all__ = ["ANSWERS_KEPT", "FIRST_POSITION", "ChannelState", "Listener", "MemoryChannels", "Settings",
-           "event_log_len"]
+           "StateCounts", "event_log_len"]
+
+class StateCounts(NamedTuple):
+    """What the state holds now, and what it has done since it started.
+
+    Gauges first (channels with listeners in this process, online
+    channels, listeners, channels with a queue, distinct messages queued
+    and their bytes), then totals that only grow: publishes, answers
+    delivered to polls (woken or answered at once from the queues) and
+    the body bytes of those answers, and queues dropped over MAX_QUEUE_MB.
+    """
+
+    channels: int = 0
+    online: int = 0
+    listeners: int = 0
+    queued_channels: int = 0
+    queued_messages: int = 0
+    queued_bytes: int = 0
+    publishes: int = 0
+    deliveries: int = 0
+    delivered_bytes: int = 0
+    queues_dropped: int = 0
+
 
 # How many rendered answers to keep for identical polls (each at most WAIT_MAX_ANSWER).
 ANSWERS_KEPT = 8
@@ -112,6 +134,10 @@ class ChannelState(abc.ABC):
     def listener_count(self) -> int:
         """How many listeners are registered now."""
 
+    @abc.abstractmethod
+    def counts(self) -> StateCounts:
+        """The state's figures now, in O(1): read at every metrics scrape."""
+
 
 class MemoryChannels(ChannelState):
     """The channel state of one process: a memory store and this process's fan-out."""
@@ -148,6 +174,7 @@ class MemoryChannels(ChannelState):
                 cursors[channel_id] = now
         body = self._answer_from_queues(cursors)
         if body is not None:
+            self._fanout.counted(body)
             return body
         self._fanout.register(listener)
         return None
@@ -206,6 +233,14 @@ class MemoryChannels(ChannelState):
 
     def listener_count(self) -> int:
         return self._fanout.listeners
+
+    def counts(self) -> StateCounts:
+        fanout, store = self._fanout, self._store
+        return StateCounts(
+            channels=fanout.channel_count(), online=store.online_count(), listeners=fanout.listeners,
+            queued_channels=store.queued_channels(), queued_messages=store.queued_messages,
+            queued_bytes=store.queued_bytes, publishes=store.publishes, deliveries=fanout.deliveries,
+            delivered_bytes=fanout.delivered_bytes, queues_dropped=store.queues_dropped)
 
     def stats(self) -> str:
         return "".join(self.stats_steps())

@@ -68,6 +68,7 @@ class Config:
     BACKEND: str = "memory"
     PROCESS_TIMEOUT: float = 10
     REUSE_PORT: bool = False
+    METRICS: bool = True
 
     def substitutions(self) -> dict[str, str]:
         """Values for ``$NAME`` placeholders in the IFRAME and SCRIPT pages."""
@@ -85,7 +86,7 @@ LOG_LEVELS = {0: logging.ERROR, 1: logging.INFO, 2: VERBOSE, 3: logging.DEBUG}
 
 # Options a running server cannot take on without re-binding or re-exec.
 RESTART_ONLY = frozenset({"WAIT_ADDR", "IN_ADDR", "SU_USER", "MAX_MEM_MB", "WAIT_ENGINE", "BACKEND",
-                          "REUSE_PORT"})
+                          "REUSE_PORT", "METRICS"})
 SHARED_BACKENDS = ("redis://", "rediss://", "unix://")
 WAIT_ENGINES = ("wsgi", "lean")
 

@@ -16,7 +16,7 @@ import logging
 import socket
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator, TypeVar
 
 import gevent
 import gevent.socket
@@ -25,6 +25,7 @@ from gevent.hub import get_hub
 from .clientlog import peer
 
 log = logging.getLogger("realplexor")
+T = TypeVar("T")
 
 READ = 1
 # Connections accepted per wake-up of the listening socket: enough to
@@ -98,13 +99,22 @@ class Acceptor:
         self._nodelay_each = tcp and not sys.platform.startswith("linux")
         self._pause = None
         self._starvation = Starvation(peer(self.address))
+        self._open = False
+
+    @property
+    def accepting(self) -> bool:
+        """Whether it takes connections: started, not closed, and its last accept did not fail
+        for want of descriptors."""
+        return self._open and not self._starvation.active
 
     def start(self) -> None:
         """Begin accepting."""
+        self._open = True
         self._watcher.start(self._accept_ready)
 
     def close(self) -> None:
         """Stop accepting and close the listening socket."""
+        self._open = False
         self._watcher.stop()
         self._watcher.close()
         if self._pause is not None:
@@ -250,3 +260,10 @@ class Sweeper:
                 self._sweep(time.monotonic())
             except Exception:  # noqa: BLE001 - the sweeper must outlive a bug
                 log.exception("%s: sweeping timeouts failed", self._what)
+
+
+def between_turns(steps: Iterator[T]) -> Iterator[T]:
+    """The items of ``steps``, letting the event loop serve others between them (in a greenlet)."""
+    for item in steps:
+        yield item
+        gevent.sleep(0)

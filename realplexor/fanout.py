@@ -76,6 +76,9 @@ class FanOut:
         self._on_occupied = on_occupied
         self._on_vacated = on_vacated
         self.listeners = 0
+        # Answers handed to listeners, and their body bytes (for the metrics).
+        self.deliveries = 0
+        self.delivered_bytes = 0
 
     def register(self, listener: Listener) -> None:
         """Wait on every channel of ``listener.cursors``."""
@@ -106,6 +109,15 @@ class FanOut:
                 self._on_vacated(channel_id)
         if registered:
             self.listeners -= 1
+
+    def counted(self, body: bytes) -> None:
+        """Count an answer given at once from the queues (no listener was woken)."""
+        self.deliveries += 1
+        self.delivered_bytes += len(body)
+
+    def channel_count(self) -> int:
+        """How many channels have a listener here."""
+        return len(self._slots)
 
     def count(self, channel_id: str) -> int:
         """How many listeners wait on ``channel_id`` here."""
@@ -146,6 +158,8 @@ class FanOut:
                     ids = [(placed[index][0], placed[index][2]) for index in reached]
                     body = bodies[reached] = render_wait_body_one(ids, message.data)
                 self.unregister(listener)
+                self.deliveries += 1
+                self.delivered_bytes += len(body)
                 listener.deliver(body)
 
     def _wake_one_channel(self, channel_id: str, cursor: Decimal, text: str, message: Message) -> None:
@@ -162,6 +176,8 @@ class FanOut:
         if not woken:
             return
         body = render_wait_body_one(((channel_id, text),), message.data)
+        self.deliveries += len(woken)
+        self.delivered_bytes += len(body) * len(woken)
         unregister = self.unregister
         for listener in woken:
             unregister(listener)

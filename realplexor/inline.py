@@ -1,5 +1,9 @@
 """The IN line: back ends publish and ask for ONLINE, WATCH and STATS.
 
+Requests whose request line names one of the HTTP routes (health,
+readiness, metrics, the JSON API) are read as HTTP and served by
+:mod:`realplexor.routes`; every other request keeps the old protocol.
+
 One connection carries one request. It is served as soon as it is
 complete: when ``Content-Length`` body bytes have arrived, or when the
 client closes its writing side, whichever comes first. Connections are
@@ -11,45 +15,47 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Sequence
 
 import gevent
-from gevent.threadpool import ThreadPool
 
-from .auth import Principal, Users
+from .auth import PasswordChecks, Principal, Users
 from .channels import ChannelState
 from .store import StoreDown
 from .clientlog import bad_request, escape, peer
 from .config import VERBOSE, Config
 from .deadlines import Deadlines
-from .eventloop import (LINGER_BYTES, LINGER_SECONDS, READ, Acceptor, Sweeper, close_connection,
-                        lend, linger, peer_closed, sendall_within)
+from .eventloop import (LINGER_BYTES, LINGER_SECONDS, READ, Acceptor, Sweeper, between_turns,
+                        close_connection, lend, linger, peer_closed, sendall_within)
+from .inhttp import HttpRequest, is_route, parse_http_request, render_api_error
+from .metrics import Refusals
 from .protocol import (MAX_NUMBER_DIGITS, InRequest, InRequestBuffer, ProtocolError,
                        parse_in_request, render_error, render_in_reply, render_online,
                        render_watch)
+from .routes import Later, Probes, Routes
 
 log = logging.getLogger("realplexor.inline")
 
-#: A reply still to be made, by calling it in a greenlet.
-Later = Callable[[], bytes]
-T = TypeVar("T")
-
 RECV_SIZE = 65536
-# Password hashes are checked in these many threads (bcrypt leaves the
-# GIL); more checks wait their turn, up to MAX_WAITING_CHECKS, then 503.
-PASSWORD_CHECK_THREADS = 2
-MAX_WAITING_CHECKS = 64
 SWEEP_INTERVAL = 0.25
 _OK = render_in_reply(200)
 
 
 class InLine:
-    """What each IN-line request gets, over a channel state and a users file."""
+    """What each IN-line request gets, over a channel state and a users file.
 
-    def __init__(self, config: Config, state: ChannelState, users: Users):
+    Requests in the old protocol are served here; those whose request
+    line names one of the HTTP routes (``GET /metrics``, ``POST
+    /publish``...) go to :class:`Routes`. ``probes`` tell the monitoring
+    routes how the server is; ``refusals`` count the requests refused.
+    """
+
+    def __init__(self, config: Config, state: ChannelState, users: Users,
+                 probes: Probes | None = None, refusals: Refusals | None = None):
         self.state = state
-        self._pool: ThreadPool | None = None
-        self._checks_waiting = 0
+        self.refusals = refusals if refusals is not None else Refusals()
+        self._checks = PasswordChecks()
+        self.routes = Routes(state, self._checks, probes or Probes(state.ready), self.refusals)
         self.reconfigure(config, users)
 
     def reconfigure(self, config: Config, users: Users) -> None:
@@ -57,7 +63,18 @@ class InLine:
         self.config = config
         self.users = users
 
-    def serve(self, request: InRequest, address: object = "-") -> bytes | Later:
+    def parse(self, data: bytes, eof: bool) -> InRequest | HttpRequest | None:
+        """The request in the bytes received so far: see :func:`parse_in_request`."""
+        if is_route(data):
+            return parse_http_request(data, eof)
+        return parse_in_request(data, eof, self.config.IDENTIFIER)
+
+    def refusal(self, error: ProtocolError, data: bytes | bytearray) -> bytes:
+        """Count a request refused before it could be served, and render the reply to ``data``."""
+        self.refusals.count("in", error.status)
+        return render_api_error(error) if is_route(data) else render_error(error)
+
+    def serve(self, request: InRequest | HttpRequest, address: object = "-") -> bytes | Later:
         """Authenticate and carry out one parsed request; the reply bytes.
 
         Work that would hold the event loop up is handed back as a
@@ -65,6 +82,8 @@ class InLine:
         against its hash (milliseconds of CPU), or an ONLINE or STATS
         answer over many channels (done in steps, letting others run).
         """
+        if isinstance(request, HttpRequest):
+            return self.routes.serve(request, self.users, address)
         try:
             principal = self.users.known(request.identifier.login, request.identifier.password)
         except ProtocolError as error:
@@ -75,25 +94,12 @@ class InLine:
 
     def _serve_after_check(self, request: InRequest, address: object) -> bytes:
         """Check the request's password in a worker thread, then serve it (blocks the greenlet)."""
-        if self._checks_waiting >= MAX_WAITING_CHECKS:
-            return self._refused(ProtocolError(
-                503, "too many password checks waiting; try again shortly"), address)
-        self._checks_waiting += 1
         try:
-            principal = self._check_pool().apply(
-                self.users.check, (request.identifier.login, request.identifier.password))
+            principal = self._checks.check(self.users, request.identifier.login, request.identifier.password)
         except ProtocolError as error:
             return self._refused(error, address)
-        finally:
-            self._checks_waiting -= 1
         reply = self._serve_as(principal, request, address)
         return reply if isinstance(reply, bytes) else reply()
-
-    def _check_pool(self) -> ThreadPool:
-        # Made on first use, in the process that serves (gunicorn forks after import).
-        if self._pool is None:
-            self._pool = ThreadPool(PASSWORD_CHECK_THREADS)
-        return self._pool
 
     def _serve_as(self, principal: Principal, request: InRequest, address: object) -> bytes | Later:
         if self.state.blocking:
@@ -121,8 +127,8 @@ class InLine:
         except ProtocolError as error:
             return self._refused(error, address)
 
-    @staticmethod
-    def _refused(error: ProtocolError, address: object) -> bytes:
+    def _refused(self, error: ProtocolError, address: object) -> bytes:
+        self.refusals.count("in", error.status)
         bad_request("IN %s: %s %s", peer(address), error.status, escape(error.reason))
         return render_error(error)
 
@@ -145,18 +151,18 @@ class InLine:
         return _OK
 
     def _online(self, principal: Principal, args: Sequence[str]) -> bytes | Later:
-        prefixes = _scoped(principal, args)
+        prefixes = principal.scoped(args)
         if prefixes is None:
             return render_in_reply(200, "")
         steps = self.state.online_steps(prefixes)
-        return lambda: render_in_reply(200, "".join(render_online(part) for part in _between_turns(steps)))
+        return lambda: render_in_reply(200, "".join(render_online(part) for part in between_turns(steps)))
 
     def _watch(self, principal: Principal, args: Sequence[str]) -> bytes:
         after = _position(args[0]) if args else None
         if after is None:
             position = self.state.position()
             return render_in_reply(200, render_watch([("FAKE", position, "FAKE")]))
-        prefixes = _scoped(principal, args[1:])
+        prefixes = principal.scoped(args[1:])
         events = self.state.watch(after, prefixes) if prefixes is not None else []
         return render_in_reply(200, render_watch(events))
 
@@ -164,7 +170,7 @@ class InLine:
         if principal.login is not None:
             raise ProtocolError(403, "STATS is not available to logged-in clients")
         steps = self.state.stats_steps()
-        return lambda: render_in_reply(200, "".join(_between_turns(steps)))
+        return lambda: render_in_reply(200, "".join(between_turns(steps)))
 
 
 class _Connection:
@@ -190,8 +196,12 @@ class InServer:
     dropping input, so that the client reads the reply instead of a reset.
     """
 
+    engine = "eventloop"
+    transport = "http"
+
     def __init__(self, listener: socket.socket, line: InLine):
         self.line = line
+        self.open_connections = 0
         self._acceptor = Acceptor(listener, self._accepted)
         self.address = self._acceptor.address
         self._loop = gevent.get_hub().loop
@@ -213,9 +223,15 @@ class InServer:
         for conn in [*self._reading, *self._lingering]:
             self._close(conn)
 
+    @property
+    def accepting(self) -> bool:
+        """Whether the line takes new connections (not paused for want of descriptors)."""
+        return self._acceptor.accepting
+
     # -- reading ---------------------------------------------------------------
 
     def _accepted(self, sock: socket.socket, address: object) -> None:
+        self.open_connections += 1
         self._read(_Connection(sock, address))
 
     def _read(self, conn: _Connection) -> None:
@@ -237,15 +253,15 @@ class InServer:
             data, worth = conn.buf.data, conn.buf.worth_parsing(eof)
         if len(data) > config.IN_MAXLEN:
             bad_request("IN %s: 413 request over IN_MAXLEN", peer(conn.address))
-            self._answer(conn, render_error(ProtocolError(
-                413, f"request longer than IN_MAXLEN ({config.IN_MAXLEN} bytes); nothing published")),
+            self._answer(conn, self.line.refusal(ProtocolError(
+                413, f"request longer than IN_MAXLEN ({config.IN_MAXLEN} bytes); nothing published"), data),
                 eof, early=True)
             return
         try:
-            request = parse_in_request(data, eof, config.IDENTIFIER) if worth else None
+            request = self.line.parse(data, eof) if worth else None
         except ProtocolError as error:
             bad_request("IN %s: %s %s", peer(conn.address), error.status, escape(error.reason))
-            self._answer(conn, render_error(error), eof, early=True)
+            self._answer(conn, self.line.refusal(error, data), eof, early=True)
             return
         if request is None:
             if eof:     # cannot happen: a request that ended is complete or refused
@@ -341,6 +357,8 @@ class InServer:
         self._close(conn)
 
     def _close(self, conn: _Connection) -> None:
+        # Called exactly once per connection accepted.
+        self.open_connections -= 1
         if conn.watcher is not None:     # only a connection that waited has deadlines
             self._reading.cancel(conn)
             self._lingering.cancel(conn)
@@ -349,18 +367,11 @@ class InServer:
     def _sweep(self, now: float) -> None:
         for conn in self._reading.pop_due(now):
             bad_request("IN %s: 408 idle for IN_TIMEOUT, closed", peer(conn.address))
-            self._answer(conn, render_error(ProtocolError(
+            self._answer(conn, self.line.refusal(ProtocolError(
                 408, f"no complete request within IN_TIMEOUT ({self.line.config.IN_TIMEOUT:g} s); "
-                     "nothing done")), eof=False, early=True)
+                     "nothing done"), conn.buf.data if conn.buf is not None else b""), eof=False, early=True)
         for conn in self._lingering.pop_due(now):
             self._close(conn)
-
-
-def _between_turns(steps: Iterator[T]) -> Iterator[T]:
-    """The items of ``steps``, letting the event loop serve others between them (in a greenlet)."""
-    for item in steps:
-        yield item
-        gevent.sleep(0)
 
 
 def _position(text: str) -> int | None:
@@ -373,15 +384,3 @@ def _position(text: str) -> int | None:
     if text.isascii() and text.isdigit() and len(text) <= MAX_NUMBER_DIGITS:
         return int(text) or None
     return None
-
-
-def _scoped(principal: Principal, prefixes: Sequence[str]) -> Sequence[str] | None:
-    """The id prefixes a client may query; None when it may see nothing.
-
-    A logged-in client sees only ids under its own ``LOGIN_`` prefix, so
-    its prefixes must lie within it, and no prefix means nothing at all.
-    """
-    if principal.login is None:
-        return prefixes
-    own = [p for p in prefixes if p.startswith(principal.prefix)]
-    return own or None

@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 
 import gevent
 
-from .channels import ChannelState
+from .channels import ChannelState, StateCounts
 from .cursors import CursorClock
 from .fanout import FanOut, Listener
 from .protocol import render_wait_body
@@ -66,6 +66,7 @@ class RedisChannels(ChannelState):
         self._local_clock = CursorClock()
         self._beating: gevent.Greenlet | None = None
         self._store_down = False
+        self._published = 0
 
     @property
     def settings(self) -> Settings:
@@ -195,6 +196,7 @@ class RedisChannels(ChannelState):
     def publish(self, targets: Sequence[tuple[str, Decimal | None, str | None]],
                 data: bytes, limiters: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
         placed = self._store.publish(targets, data, limiters)
+        self._published += 1
         return [(channel_id, text) for channel_id, _, text in placed]
 
     # -- presence ------------------------------------------------------------------------
@@ -280,6 +282,13 @@ class RedisChannels(ChannelState):
 
     def listener_count(self) -> int:
         return self._fanout.listeners
+
+    def counts(self) -> StateCounts:
+        # This process's own figures: the cluster's queues live in Redis.
+        fanout = self._fanout
+        return StateCounts(channels=fanout.channel_count(), listeners=fanout.listeners,
+                           publishes=self._published, deliveries=fanout.deliveries,
+                           delivered_bytes=fanout.delivered_bytes)
 
     def stats(self) -> str:
         return "".join(self.stats_steps())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
+from typing import Iterator
 
 import gevent
 import gevent.socket
@@ -15,7 +16,9 @@ from .store import StoreDown
 from .config import RESTART_ONLY, Config, ConfigError, parse_address
 from .handoff import Listeners
 from .inline import InLine, InServer
+from .metrics import Metrics, Refusals
 from .pages import load_pages
+from .routes import Probes
 from .wait import WaitLine
 from .wait_lean import LeanWaitServer
 from .wait_wsgi import LongPollHandler, WaitApp, WaitServer
@@ -114,11 +117,15 @@ class Realplexor:
     def __init__(self, config: Config, state: ChannelState | None = None):
         self.config = config
         self.state = state if state is not None else make_state(config)
-        self.wait_line = WaitLine(config, _load_pages(config))
+        self.refusals = Refusals()
+        self.metrics = Metrics(self) if config.METRICS else None
+        self.wait_line = WaitLine(config, _load_pages(config), self.refusals)
         self.wait_app = WaitApp(self.wait_line, self.state)
-        self.in_line = InLine(config, self.state, load_users(config))
+        probes = Probes(self.not_ready, self.metrics.render if self.metrics is not None else None)
+        self.in_line = InLine(config, self.state, load_users(config), probes, self.refusals)
         self.wait_servers: list[WSGIServer] = []
         self.in_servers: list[InServer] = []
+        self._serves_wait_line = True
         self._housekeeper: gevent.Greenlet | None = None
 
     def start(self, wait_line: bool = True, inherited: Listeners | None = None) -> None:
@@ -127,6 +134,7 @@ class Realplexor:
         With ``inherited`` (from a supervisor) the server serves those
         sockets instead of binding its own.
         """
+        self._serves_wait_line = wait_line
         try:
             self.state.start()
         except StoreDown as exc:
@@ -142,6 +150,32 @@ class Realplexor:
             self.stop()
             raise
         self._housekeeper = gevent.spawn(self._housekeep)
+        if self.metrics is not None:
+            self.metrics.start()
+
+    def not_ready(self) -> str | None:
+        """Why the server cannot take work now (a line not accepting, the state), or None."""
+        if not self.in_servers:
+            return "not serving"
+        for line, servers in (("WAIT", self.wait_servers), ("IN", self.in_servers)):
+            if not all(server.accepting for server in servers):
+                return f"the {line} line is not accepting connections (out of file descriptors)"
+        return self.state.ready()
+
+    def connection_counts(self) -> Iterator[tuple[str, str, str, int]]:
+        """Open connections of each line this server runs: ``(line, engine, transport, count)``."""
+        for line, servers in (("wait", self.wait_servers), ("in", self.in_servers)):
+            totals: dict[tuple[str, str], int] = {}
+            for server in servers:
+                key = (server.engine, server.transport)
+                totals[key] = totals.get(key, 0) + server.open_connections
+            for (engine, transport), count in totals.items():
+                yield line, engine, transport, count
+
+    def listener_labels(self) -> tuple[str, str, str]:
+        """``(line, engine, transport)`` of the waiting listeners (gunicorn's WSGI worker, if it serves them)."""
+        engine = self.config.WAIT_ENGINE if self._serves_wait_line else "gunicorn"
+        return "wait", engine, "longpoll"
 
     def _listeners(self, option: str, inherited: Listeners | None) -> list[tuple[str, int | None]]:
         configured = getattr(self.config, option)
@@ -207,6 +241,8 @@ class Realplexor:
         if self._housekeeper is not None:
             self._housekeeper.kill(block=False)
             self._housekeeper = None
+        if self.metrics is not None:
+            self.metrics.stop()
         for server in self.wait_servers + self.in_servers:
             server.stop(timeout=timeout)
         self.wait_servers, self.in_servers = [], []

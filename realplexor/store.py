@@ -123,6 +123,8 @@ class MemoryStore:
         self._queued_bytes = 0
         self._by_publish: OrderedDict[str, None] = OrderedDict()
         self._queue_guard = QueueGuard()
+        #: Distinct messages queued (one publish to several channels counts once).
+        self.queued_messages = 0
         #: Grows whenever a queue changes: answers rendered before are stale.
         self.version = 0
 
@@ -237,12 +239,39 @@ class MemoryStore:
     def _hold(self, message: Message) -> None:
         if not message.queued:
             self._queued_bytes += len(message.data)
+            self.queued_messages += 1
         message.queued += 1
 
     def _release(self, message: Message) -> None:
         message.queued -= 1
         if not message.queued:
             self._queued_bytes -= len(message.data)
+            self.queued_messages -= 1
+
+    # -- figures (O(1), for the metrics) ------------------------------------------
+
+    @property
+    def publishes(self) -> int:
+        """Publishes carried out since start."""
+        return self._published
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of queued message data, each message once."""
+        return self._queued_bytes
+
+    @property
+    def queues_dropped(self) -> int:
+        """Queues emptied over MAX_QUEUE_MB since start."""
+        return self._queue_guard.total
+
+    def queued_channels(self) -> int:
+        """How many channels have a queue."""
+        return len(self._queues)
+
+    def online_count(self) -> int:
+        """How many channels are online."""
+        return len(self._online_ids)
 
     def _empty_queue(self, channel_id: str) -> None:
         queue = self._queues.pop(channel_id, None)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import Config
+from .metrics import Refusals
 from .pages import Page
 from .protocol import Identifier, ProtocolError, parse_wait_request
 
@@ -35,9 +36,13 @@ class Reply:
 
 
 class WaitLine:
-    """Decides what each WAIT request gets, for any engine."""
+    """Decides what each WAIT request gets, for any engine.
 
-    def __init__(self, config: Config, pages: dict[str, Page]):
+    ``refusals`` counts the requests refused, here and by the engines.
+    """
+
+    def __init__(self, config: Config, pages: dict[str, Page], refusals: Refusals | None = None):
+        self.refusals = refusals if refusals is not None else Refusals()
         self.reconfigure(config, pages)
 
     def reconfigure(self, config: Config, pages: dict[str, Page]) -> None:
@@ -58,18 +63,22 @@ class WaitLine:
                 # The method is not echoed: whatever a client sends stays out of the page.
                 raise ProtocolError(405, "method not allowed: use GET or POST")
             request = self._parse(method, target, header, read_body)
+            if request.page is None and len(request.identifier.items) > self.config.WAIT_MAX_IDS:
+                raise ProtocolError(413, f"{len(request.identifier.items)} ids in one poll; at most "
+                                         f"WAIT_MAX_IDS ({self.config.WAIT_MAX_IDS})")
         except ProtocolError as error:
-            return error_reply(error, cors)
+            return self.refused(error, cors)
         if request.page is not None:
             return self._page(method, header, request.page, cors)
-        if len(request.identifier.items) > self.config.WAIT_MAX_IDS:
-            return error_reply(ProtocolError(
-                413, f"{len(request.identifier.items)} ids in one poll; at most WAIT_MAX_IDS "
-                     f"({self.config.WAIT_MAX_IDS})"), cors)
         if method == "HEAD":
             # A poll's headers and no body: a HEAD request can never get a message.
             return Reply(_STATUS[200], (*self._poll_headers, *cors, ("Connection", "close")))
         return request.identifier
+
+    def refused(self, error: ProtocolError, cors=()) -> Reply:
+        """Count a refused request and make its reply."""
+        self.refusals.count("wait", error.status)
+        return error_reply(error, cors)
 
     def poll_headers(self, origin: str | None) -> tuple[tuple[str, str], ...]:
         """Headers of a long poll's ``200`` (the engine adds how the body ends)."""

@@ -147,9 +147,13 @@ class LeanPoll:
 class LeanWaitServer:
     """Serves the WAIT line from event-loop callbacks; no greenlet per poll."""
 
+    engine = "lean"
+    transport = "longpoll"
+
     def __init__(self, listener: socket.socket, line: WaitLine, state: ChannelState):
         self.line = line
         self.state = state
+        self.open_connections = 0
         self._acceptor = Acceptor(listener, self._accepted)
         self.address = self._acceptor.address
         self._loop = get_hub().loop
@@ -189,11 +193,17 @@ class LeanWaitServer:
         """Forget cached headers after a reload."""
         self._heads.clear()
 
+    @property
+    def accepting(self) -> bool:
+        """Whether the line takes new connections (not paused for want of descriptors)."""
+        return self._acceptor.accepting
+
     # -- reading -------------------------------------------------------------
 
     def _accepted(self, sock: socket.socket, address) -> None:
         """A new connection (in the accept callback: must not block)."""
         # The read watcher is made when the connection first has to wait.
+        self.open_connections += 1
         self._read_now(LeanPoll(self, sock, time.monotonic() + self.line.config.WAIT_REQUEST_TIMEOUT))
 
     def _on_readable(self, conn: LeanPoll) -> None:
@@ -238,7 +248,7 @@ class LeanWaitServer:
             self._respond(conn, request, parse.parser.get_method(), version)
         elif refusal is not None:
             self._parse = _Parse()
-            self._send(conn, _refusal(refusal, conn.sock, data), _LINGER)
+            self._send(conn, self._refusal(refusal, conn.sock, data), _LINGER)
         else:
             # This request's parser now holds a part of it: the connection
             # keeps it, and a fresh one serves the others.
@@ -272,17 +282,19 @@ class LeanWaitServer:
             while not parse.request.complete:
                 data = _recv_by(sock, conn.deadline)
                 if data is None:
+                    self.line.refusals.count("wait", 408)
                     sendall_within(sock, _request_timeout(config.WAIT_REQUEST_TIMEOUT), config.WRITE_TIMEOUT)
                     raise ConnectionError("request too slow")
                 if not data:
                     # A client that half-closed still reads: tell it why nothing happens.
+                    self.line.refusals.count("wait", 400)
                     sendall_within(sock, render_reply(error_reply(ProtocolError(
                         400, "request ended before it was complete; nothing done"))), config.WRITE_TIMEOUT)
                     raise ConnectionError("closed mid-request")
                 received += len(data)
                 refusal = self._feed(parse, data, received)
                 if refusal is not None:
-                    sendall_within(sock, _refusal(refusal, sock, data), config.WRITE_TIMEOUT)
+                    sendall_within(sock, self._refusal(refusal, sock, data), config.WRITE_TIMEOUT)
                     linger(sock)
                     raise ConnectionError("request refused")
         except OSError:
@@ -388,6 +400,7 @@ class LeanWaitServer:
         elif then == _IDLE and conn.early is not None:
             # A request sent before this answer: refused, not silently dropped.
             conn.early = None
+            self.line.refusals.count("wait", 400)
             self._send(conn, _SENT_EARLY, _LINGER)
         elif then == _IDLE:
             conn.cursors = {}
@@ -474,6 +487,8 @@ class LeanWaitServer:
         self._close(conn)
 
     def _close(self, conn: LeanPoll) -> None:
+        # Called exactly once per connection accepted.
+        self.open_connections -= 1
         self._idle.cancel(conn)
         self._starting.cancel(conn)
         close_connection(conn)
@@ -485,9 +500,15 @@ class LeanWaitServer:
             self._end_empty(conn)
         for conn in self._starting.pop_due(now):
             conn.watcher.stop()
+            self.line.refusals.count("wait", 408)
             self._send(conn, _request_timeout(self.line.config.WAIT_REQUEST_TIMEOUT), _CLOSE)
         for conn in self._idle.pop_due(now):
             self._close(conn)
+
+    def _refusal(self, error: ProtocolError, sock, data: bytes) -> bytes:
+        """Count a request refused while reading; its answer."""
+        self.line.refusals.count("wait", error.status)
+        return _refusal(error, sock, data)
 
     @staticmethod
     def _frame(data: bytes, keep_alive: bool) -> bytes:

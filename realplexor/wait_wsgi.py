@@ -244,6 +244,7 @@ class LongPollHandler(WSGIHandler):
         try:
             result = super().handle_one_request()
         except _RequestTimedOut:
+            self.server.application.line.refusals.count("wait", 408)
             with contextlib.suppress(OSError):
                 self._send_by_deadline(render_reply(error_reply(ProtocolError(
                     408, f"no complete request within WAIT_REQUEST_TIMEOUT "
@@ -255,6 +256,7 @@ class LongPollHandler(WSGIHandler):
         if listener is not None and listener.early is not None:
             # Bytes came while the poll waited: refuse them, then close.
             if result is True:
+                self.server.application.line.refusals.count("wait", 400)
                 with contextlib.suppress(OSError):
                     self._send_by_deadline(_SENT_EARLY)
                     linger(self.socket)
@@ -293,6 +295,7 @@ class LongPollHandler(WSGIHandler):
             return None
         what, message = _client_error(ex, getattr(self, "requestline", ""))
         bad_request("WAIT %s: 400 malformed HTTP request: %s", peer(self.client_address), escape(message))
+        self.server.application.line.refusals.count("wait", 400)
         return "400", render_reply(error_reply(ProtocolError(400, f"malformed HTTP request: {what}")))
 
     def _next_request_begins(self, patience: float) -> bool:
@@ -366,9 +369,27 @@ class WaitServer(WSGIServer):
     one line when it begins and one when it ends.
     """
 
+    engine = "wsgi"
+    transport = "longpoll"
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._starvation: Starvation | None = None
+        self.open_connections = 0
+
+    @property
+    def accepting(self) -> bool:
+        """Whether it takes connections: started, and its last accept did not fail for want
+        of descriptors."""
+        return self.started and (self._starvation is None or not self._starvation.active)
+
+    def handle(self, sock, address):
+        """Serve one connection (in its greenlet), counted while it is open."""
+        self.open_connections += 1
+        try:
+            super().handle(sock, address)
+        finally:
+            self.open_connections -= 1
 
     def do_read(self):
         try:

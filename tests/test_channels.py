@@ -655,3 +655,39 @@ def test_reconfiguring_the_event_log_keeps_the_newest_events(make_state):
     state.listen(Recorder(d=None))
     assert [p for _, p, _ in state.watch(0)] == [17, 18, 19, 20, 21]
     assert state.position() == 21
+
+
+def test_counts_follow_what_the_state_holds_and_has_done(state, clock):
+    assert state.counts().publishes == 0 and state.counts().deliveries == 0
+    one, two = Recorder(a=None), Recorder(a=None, b=None)
+    state.listen(one)
+    state.listen(two)
+    counts = state.counts()
+    assert (counts.listeners, counts.online, counts.channels) == (2, 2, 2)
+    publish(state, "a", '"x"')                      # wakes both: one body of 1 channel
+    publish(state, "a,b", '"yy"')                   # wakes nobody: queued on 2 channels
+    counts = state.counts()
+    assert counts.publishes == 2
+    assert counts.deliveries == 2
+    assert counts.delivered_bytes == 2 * len(one.bodies[0]) and one.bodies == two.bodies
+    assert (counts.queued_channels, counts.queued_messages) == (2, 2)
+    assert counts.queued_bytes == len('"x"') + len('"yy"')
+    answer = state.listen(Recorder(b="0"))          # answered at once from the queue
+    counts = state.counts()
+    assert counts.deliveries == 3 and counts.delivered_bytes == 2 * len(one.bodies[0]) + len(answer)
+    clock.now += 3601
+    state.expire()
+    counts = state.counts()
+    assert (counts.queued_channels, counts.queued_messages, counts.queued_bytes) == (0, 0, 0)
+
+
+def test_counts_queued_messages_once_however_many_channels_hold_them(make_state):
+    state = make_state(max_data_for_id=2)
+    for n in range(5):
+        publish(state, "a,b,c", f'"{n}"')
+    counts = state.counts()
+    assert (counts.queued_channels, counts.queued_messages, counts.queued_bytes) == (3, 2, 6)
+
+
+def test_a_state_in_memory_is_always_ready(state):
+    assert state.ready() is None

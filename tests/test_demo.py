@@ -22,6 +22,7 @@ from realplexor.client import Realplexor
 from realplexor.demo.app import Sandbox, SandboxServer
 from realplexor.demo.messages import BadInput, parse_post
 from realplexor.demo.online import OnlineList
+from realplexor.demo.publisher import JsonPublisher
 
 WAIT_MS = BROWSER_WAIT_MS
 NAMESPACE = "demo_"
@@ -303,6 +304,38 @@ def test_api_send_rejects_bad_input_with_400(demo):
     assert len(parts) == 1
     assert parts[0]["data"] == {"author": "guest", "text": "ok"}
     assert sorted(parts[0]["ids"]) == ["demo_Alpha", "demo_Beta"]
+
+
+def test_posts_go_through_the_json_api(server_factory):
+    running = Demo(server_factory(OFFLINE_TIMEOUT=1, WAIT_TIMEOUT=30, VERBOSITY=2))
+    try:
+        poll = running.server.listen("demo_Alpha")
+        assert running.post({"ids": "Alpha", "text": "via the API"}) == (200, {"ok": True, "ids": ["Alpha"]})
+        running.server.output.wait_for(r"IN 127\.0\.0\.1:\d+: POST /publish")
+        assert wait_parts(poll.response())[0]["data"] == {"author": "guest", "text": "via the API"}
+    finally:
+        running.close()
+
+
+def test_a_refused_publish_is_a_502_with_the_servers_reason(server_factory, tmp_path):
+    from conftest import write_users_file
+
+    users = write_users_file(tmp_path / "users.htpasswd", {"alice": "secret"})
+    running = Demo(server_factory(USERS_FILE=str(users)))
+    try:
+        status, answer = running.post({"ids": "Alpha", "text": "hi"})
+        assert status == 502
+        assert answer["error"] == ("Realplexor did not take the message: credentials needed: "
+                                   "send HTTP Basic authorization with a USERS_FILE login")
+    finally:
+        running.close()
+
+
+def test_the_json_publisher_strips_its_namespace(server_factory):
+    server = server_factory()
+    cursors = JsonPublisher("127.0.0.1", server.in_port, "ns_", timeout=5).publish(["a", "b"], {"n": 1})
+    assert sorted(cursors) == ["a", "b"]
+    assert wait_parts(server.get("identifier=0:ns_a"))[0] == {"ids": {"ns_a": cursors["a"]}, "data": {"n": 1}}
 
 
 def test_a_plain_post_shows_its_author_and_the_page_has_an_icon(demo, open_page):

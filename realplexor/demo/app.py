@@ -4,7 +4,8 @@
     GET  /static/NAME   the page's script and style sheet
     GET  /api/online    the current online list: {"version": n, "channels": {id: count}}
     POST /api/send      {"ids": "Alpha,Beta", "text": "...", "structured": false, "author": "..."}
-                        publishes ONE message to every named channel over the IN line;
+                        publishes ONE message to every named channel through the
+                        server's JSON API (POST /publish on the IN line);
                         200 {"ok": true, "ids": [...]}, 400/413 {"error": reason},
                         502 {"error": reason} when Realplexor refuses or is down
 
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 from ..client import Realplexor, RealplexorError
 from .messages import DEFAULT_IDS, MAX_IDS, ONLINE_ID, BadInput, parse_post
 from .online import OnlineList
+from .publisher import JsonPublisher
 
 log = logging.getLogger("realplexor.demo")
 
@@ -39,17 +41,19 @@ def _static_text(name: str) -> str:
 
 
 class Sandbox:
-    """What the pages and the back end share: the IN-line client and the settings.
+    """What the pages and the back end share: the IN-line clients and the settings.
 
     ``wait_url`` is the Realplexor server's WAIT line as browsers reach it
-    (e.g. ``http://127.0.0.1:8088/``); ``client`` publishes with the
-    sandbox's namespace.
+    (e.g. ``http://127.0.0.1:8088/``); ``client`` names the server and the
+    sandbox's namespace; posts go through ``publisher`` (the JSON API).
     """
 
-    def __init__(self, client: Realplexor, wait_url: str, online: OnlineList | None = None):
+    def __init__(self, client: Realplexor, wait_url: str, online: OnlineList | None = None,
+                 publisher: JsonPublisher | None = None):
         self.client = client
         self.wait_url = wait_url if wait_url.endswith("/") else wait_url + "/"
         self.online = online if online is not None else OnlineList(client)
+        self.publisher = publisher if publisher is not None else JsonPublisher.like(client)
 
     def page(self) -> str:
         """The page, with the client script's URL and the page settings filled in."""
@@ -62,9 +66,9 @@ class Sandbox:
                 .replace("{{settings}}", settings_js))
 
     def send(self, payload: Any) -> list[str]:
-        """Check the form's payload and publish it in one IN-line request; the channels."""
+        """Check the form's payload and publish it with one ``POST /publish``; the channels."""
         post = parse_post(payload)
-        self.client.send(list(post.ids), post.data)
+        self.publisher.publish(post.ids, post.data)
         return list(post.ids)
 
 
