@@ -20,7 +20,7 @@ def engine(request):
 def server(engine, tmp_path_factory):
     path = write_config(tmp_path_factory.mktemp("rpl") / "realplexor.toml",
                         OFFLINE_TIMEOUT=0.5, WAIT_TIMEOUT=30, WAIT_ENGINE=engine, MAX_DATA_FOR_ID=3,
-                        STREAM_PING_INTERVAL=0.3)
+                        STREAM_PING_INTERVAL=0.3, STREAM_TRANSPORTS=["eventsource"])
     running = start_server(path)
     yield running
     running.stop()
@@ -28,7 +28,8 @@ def server(engine, tmp_path_factory):
 
 @pytest.fixture
 def server_factory(server_factory, engine):
-    return lambda **options: server_factory(WAIT_ENGINE=engine, **options)
+    return lambda **options: server_factory(**{"WAIT_ENGINE": engine, "STREAM_TRANSPORTS": ["eventsource"],
+                                               **options})
 
 
 class Stream:
