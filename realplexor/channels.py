@@ -84,6 +84,15 @@ class ChannelState(abc.ABC):
         """Remove ``listener`` from its channels (idempotent, O(1) per channel)."""
 
     @abc.abstractmethod
+    def cuts(self, cursors: dict[str, Decimal | None]) -> list[tuple[str, str]]:
+        """Channels on which messages after the given cursor were dropped unsent.
+
+        Each with the cursor text of the newest dropped message: a client
+        that listened from an older cursor missed messages up to it. May
+        block on a shared store (see :attr:`blocking`).
+        """
+
+    @abc.abstractmethod
     def publish(self, targets: Sequence[tuple[str, Decimal | None, str | None]],
                 data: bytes, limiters: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
         """Queue ``data`` on each target channel and wake its listeners.
@@ -198,6 +207,9 @@ class MemoryChannels(ChannelState):
                 del self._answers[next(iter(self._answers))]
             self._answers[key] = body
         return body
+
+    def cuts(self, cursors: dict[str, Decimal | None]) -> list[tuple[str, str]]:
+        return self._store.dropped_after(cursors)
 
     # -- publishing --------------------------------------------------------
 

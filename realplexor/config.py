@@ -69,6 +69,9 @@ class Config:
     PROCESS_TIMEOUT: float = 10
     REUSE_PORT: bool = False
     METRICS: bool = True
+    STREAM_TRANSPORTS: tuple[str, ...] = ("eventsource",)
+    STREAM_PING_INTERVAL: float = 20
+    STREAM_MAX_BACKLOG: int = 1 << 20
 
     def substitutions(self) -> dict[str, str]:
         """Values for ``$NAME`` placeholders in the IFRAME and SCRIPT pages."""
@@ -89,6 +92,9 @@ RESTART_ONLY = frozenset({"WAIT_ADDR", "IN_ADDR", "SU_USER", "MAX_MEM_MB", "WAIT
                           "REUSE_PORT", "METRICS"})
 SHARED_BACKENDS = ("redis://", "rediss://", "unix://")
 WAIT_ENGINES = ("wsgi", "lean")
+STREAM_TRANSPORT_NAMES = ("eventsource",)
+# Lists that may be empty (no transport at all).
+_MAY_BE_EMPTY = frozenset({"STREAM_TRANSPORTS"})
 
 _NUMBER_MINIMUMS = {
     "WAIT_TIMEOUT": 0.001, "WAIT_MAXLEN": 16, "WAIT_MAX_ANSWER": 1, "WAIT_MAX_IDS": 1, "PROCESS_TIMEOUT": 2, "WAIT_REQUEST_TIMEOUT": 0.001,
@@ -96,6 +102,7 @@ _NUMBER_MINIMUMS = {
     "IN_MAXLEN": 16, "EVENT_CHAIN_LEN": 1, "OFFLINE_TIMEOUT": 0,
     "MAX_DATA_FOR_ID": 1, "CLEAN_ID_AFTER": 0.001, "JS_MAX_BOUNCES": 0,
     "JS_WAIT_RECONNECT_DELAY": 0, "MAX_MEM_MB": 0, "VERBOSITY": 0, "MAX_QUEUE_MB": 0.001,
+    "STREAM_PING_INTERVAL": 0.001, "STREAM_MAX_BACKLOG": 1024,
 }
 # An idle server's resident memory is about 35 MB; a MAX_MEM_MB below this
 # floor would restart a fresh server over and over.
@@ -172,8 +179,10 @@ def _convert(name: str, kind: str, value: Any) -> Any:
     # items (WAIT_ADDR = "0.0.0.0:8088" is one address, as documented).
     if isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+    if isinstance(value, list) and (value or name in _MAY_BE_EMPTY) and all(isinstance(v, str) for v in value):
         return tuple(value)
+    if name in _MAY_BE_EMPTY:
+        raise ConfigError(f"option {name} must be a list of strings, not {value!r}")
     raise ConfigError(f"option {name} must be a non-empty list of strings, not {value!r}")
 
 
@@ -197,6 +206,10 @@ def _check_ranges(config: Config) -> None:
     if config.WAIT_ENGINE not in WAIT_ENGINES:
         raise ConfigError(f"option WAIT_ENGINE must be one of {', '.join(WAIT_ENGINES)}, "
                           f"not {config.WAIT_ENGINE!r}")
+    for transport in config.STREAM_TRANSPORTS:
+        if transport not in STREAM_TRANSPORT_NAMES:
+            raise ConfigError(f"option STREAM_TRANSPORTS: unknown transport {transport!r}; "
+                              f"known: {', '.join(STREAM_TRANSPORT_NAMES)}")
     if not _URI_RE.match(config.JS_WAIT_URI):
         # It is pasted into the served script and page: keep it a plain URI.
         raise ConfigError(f"option JS_WAIT_URI must be a URI path of letters, digits and /._~%:+-, "

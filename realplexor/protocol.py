@@ -26,6 +26,10 @@ _TRANSFER_ENCODING_RE = re.compile(rb"^transfer-encoding:", re.I | re.M)
 _COMMAND_LINE_RE = re.compile(
     rb"[ \t]*(online|watch|stats)(?:[ \t]+([^\r\n]*?))?[ \t]*(?:\r?\n|\Z)", re.I)
 _COMMAND_WORD_RE = re.compile(rb"[A-Z]+(?=\s|\Z)")
+_RESET_RE = re.compile(r"(?<![A-Za-z0-9_])reset=1(?![0-9])")
+_RESUME_ITEM_RE = re.compile(r"(\d+(?:\.\d+)?):([A-Za-z0-9_]+)\Z")
+# Bytes of a Last-Event-ID shown in a refusal.
+_SHOWN = 40
 _marker_patterns: dict[str, re.Pattern[str]] = {}
 # Only identifier strings up to this long are kept parsed: a parsed item
 # takes some 25 times its text, and the caches are bounded by count alone.
@@ -157,6 +161,31 @@ def _wait_request_for(value: str, iframe_id: str, script_id: str) -> WaitRequest
 # After a broadcast, every browser on a page asks again with the same
 # identifier (its random cache-buster lies outside it): parse each once.
 _wait_request_once = functools.lru_cache(maxsize=4096)(_wait_request_for)
+
+
+def asks_reset(target: str) -> bool:
+    """Whether a WAIT request's target asks to be told of history cuts (``reset=1``)."""
+    return "reset=1" in target and _RESET_RE.search(target) is not None
+
+
+def parse_resume(value: str | None) -> dict[str, tuple[Decimal, str]]:
+    """An event stream's ``Last-Event-ID`` (``CURSOR:ID,CURSOR:ID``): each id's cursor and its text.
+
+    Empty or missing: nothing to resume. Anything else that is not that
+    list is refused (400), since a stream from the wrong cursors would
+    repeat or skip messages.
+    """
+    if not value:
+        return {}
+    resume = {}
+    for text in value.split(","):
+        match = _RESUME_ITEM_RE.match(text.strip())
+        if match is None:
+            shown = text[:_SHOWN].encode("ascii", "backslashreplace").decode()
+            raise ProtocolError(400, f"Last-Event-ID item {shown!r} is not CURSOR:ID; "
+                                     "reconnect without Last-Event-ID")
+        resume[match.group(2)] = (Decimal(match.group(1)), match.group(1))
+    return resume
 
 
 def parse_in_request(buf: bytes, eof: bool, marker: str = "identifier") -> InRequest | None:
@@ -337,6 +366,16 @@ def render_wait_body_one(ids: Sequence[tuple[str, str]], data: bytes) -> bytes:
     """The body of one message: the same as ``render_wait_body([(ids, data)])``."""
     pairs = ",".join(f'"{channel}":"{cursor}"' for channel, cursor in ids)
     return b'[{"ids":{%s},"data":%s}]' % (pairs.encode(), data)
+
+
+def render_reset_parts(cuts: Iterable[tuple[str, str]]) -> list[bytes]:
+    """One part per channel that lost messages: ``{"ids": {ID: CURSOR}, "reset": true}``.
+
+    CURSOR is the newest message dropped there; what follows the part
+    comes after it.
+    """
+    return [b'{"ids":{"%s":"%s"},"reset":true}' % (channel.encode(), cursor.encode())
+            for channel, cursor in cuts]
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",

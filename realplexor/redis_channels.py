@@ -122,6 +122,9 @@ class RedisChannels(ChannelState):
         self._catching_up.discard(listener)
         self._fanout.unregister(listener)
 
+    def cuts(self, cursors: dict[str, Decimal | None]) -> list[tuple[str, str]]:
+        return self._store.dropped_after(cursors)
+
     def _catch_up(self, listener: Listener) -> None:
         """Read what the poll missed from Redis, then deliver it or register the poll."""
         cursors = listener.cursors

@@ -45,9 +45,26 @@ KEY_PREFIX = "rpl:"
 SOCKET_TIMEOUT = 5.0
 _SEP = b"\x00"
 
+# Lua: whether cursor text a is greater than b, as exact decimals.
+_NEWER = """
+local function newer(a, b)
+  local ai, af = string.match(a, '^0*(%d*)%.?(%d*)$')
+  local bi, bf = string.match(b, '^0*(%d*)%.?(%d*)$')
+  if #ai ~= #bi then return #ai > #bi end
+  if ai ~= bi then return ai > bi end
+  local width = math.max(#af, #bf)
+  af, bf = af .. string.rep('0', width - #af), bf .. string.rep('0', width - #bf)
+  return af > bf
+end"""
+
 _PUBLISH = """
 -- KEYS: clock, seq; ARGV: prefix, max_data, clean_after, limiters, data, then id, cursor pairs
 local prefix, max_data, clean_after = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+%(NEWER)s
+local function mark(key, cursor)
+  local old = redis.call('GET', key)
+  if not old or newer(cursor, old) then redis.call('SET', key, cursor) end
+end
 local limiters, data = ARGV[4], ARGV[5]
 local fresh = nil
 local seq = redis.call('INCR', KEYS[2])
@@ -74,10 +91,25 @@ for i = 0, n - 1 do
     cursor = fresh
   end
   local entry = cursor .. '\\0' .. seq .. '\\0' .. limiters .. '\\0' .. data
-  local queue = prefix .. 'q:' .. id
+  local queue, dropped, last = prefix .. 'q:' .. id, prefix .. 'd:' .. id, prefix .. 'l:' .. id
+  if redis.call('EXISTS', queue) == 0 then
+    -- An expired queue's messages are all dropped: its newest cursor is the mark.
+    local before = redis.call('GET', last)
+    if before then mark(dropped, before) end
+  end
   redis.call('RPUSH', queue, entry)
+  local over = redis.call('LLEN', queue) - max_data
+  if over > 0 then
+    for _, old in ipairs(redis.call('LRANGE', queue, 0, over - 1)) do
+      mark(dropped, string.sub(old, 1, string.find(old, '\\0', 1, true) - 1))
+    end
+  end
   redis.call('LTRIM', queue, -max_data, -1)
   redis.call('PEXPIRE', queue, math.floor(clean_after * 1000))
+  mark(last, cursor)
+  -- The marks outlive the queue by CLEAN_ID_AFTER, as in the memory store.
+  redis.call('PEXPIRE', last, math.floor(clean_after * 2000))
+  if redis.call('EXISTS', dropped) == 1 then redis.call('PEXPIRE', dropped, math.floor(clean_after * 2000)) end
   placed[#placed + 1] = cursor
 end
 for i = 0, n - 1 do
@@ -87,6 +119,8 @@ for i = 0, n - 1 do
 end
 return placed
 """
+
+_PUBLISH = _PUBLISH.replace("%(NEWER)s", _NEWER)
 
 _OCCUPY = """
 -- KEYS: n, on, leaving, pos, events, occ:{pid}; ARGV: event_log_len, offline_timeout, then +id / -id
@@ -248,6 +282,31 @@ class RedisStore:
         ordered = sorted(parts.values(), key=lambda part: (part[0], part[1]))
         ordered = _within_cap(ordered, self.settings.max_answer)
         return [([(c, t) for c, _, t in ids], data) for _, data, ids in ordered], newest
+
+    def dropped_after(self, cursors: dict[str, Decimal | None]) -> list[tuple[str, str]]:
+        """The channels on which a message newer than the given cursor was dropped unsent.
+
+        Each comes with the cursor text of the newest message dropped
+        there (cut from the queue by MAX_DATA_FOR_ID, or expired with it
+        after CLEAN_ID_AFTER). A None cursor ("from now") misses nothing.
+        """
+        asked = [(channel_id, cursor) for channel_id, cursor in cursors.items() if cursor is not None]
+        if not asked:
+            return []
+        with _down_as_store_down():
+            pipe = self.client.pipeline(transaction=False)
+            for channel_id, _ in asked:
+                pipe.exists(self._key("q:" + channel_id))
+                pipe.get(self._key("d:" + channel_id))
+                pipe.get(self._key("l:" + channel_id))
+            found = pipe.execute()
+        cut = []
+        for index, (channel_id, cursor) in enumerate(asked):
+            queued, dropped, last = found[3 * index:3 * index + 3]
+            marks = [(Decimal(raw.decode()), raw.decode()) for raw in (dropped, None if queued else last) if raw]
+            if marks and max(marks)[0] > cursor:
+                cut.append((channel_id, max(marks)[1]))
+        return cut
 
     # -- presence ----------------------------------------------------------------
 

@@ -125,6 +125,11 @@ class MemoryStore:
         self._queue_guard = QueueGuard()
         #: Distinct messages queued (one publish to several channels counts once).
         self.queued_messages = 0
+        # channel id -> (cursor, cursor text) of the newest message dropped from its
+        # queue (MAX_DATA_FOR_ID, CLEAN_ID_AFTER, MAX_QUEUE_MB): a client behind it missed some
+        self._dropped: dict[str, tuple[Decimal, str]] = {}
+        # channel id -> when its drop mark is forgotten (CLEAN_ID_AFTER after its queue emptied)
+        self._forget_dropped: Deadlines[str] = Deadlines()
         #: Grows whenever a queue changes: answers rendered before are stale.
         self.version = 0
 
@@ -214,11 +219,33 @@ class MemoryStore:
         ordered = _within_cap(ordered, self.settings.max_answer)
         return [([(c, t) for c, _, t in ids], data) for _, data, ids in ordered]
 
+    def dropped_after(self, cursors: dict[str, Decimal | None]) -> list[tuple[str, str]]:
+        """The channels on which a message newer than the given cursor was dropped unsent.
+
+        Each comes with the cursor text of the newest message dropped
+        there: a client that listened from an older cursor missed
+        messages up to it. A None cursor ("from now") misses nothing.
+        """
+        self._clean_if_idle(cursors)
+        cut = []
+        for channel_id, cursor in cursors.items():
+            mark = self._dropped.get(channel_id)
+            if mark is not None and cursor is not None and mark[0] > cursor:
+                cut.append((channel_id, mark[1]))
+        return cut
+
+    def _mark_dropped(self, channel_id: str, cursor: Decimal, text: str) -> None:
+        mark = self._dropped.get(channel_id)
+        if mark is None or cursor > mark[0]:
+            self._dropped[channel_id] = (cursor, text)
+
     def _enqueue(self, channel_id: str, cursor: Decimal, text: str, message: Message) -> None:
         self.version += 1
         queue = self._queues.get(channel_id)
         if queue is None:
             queue = self._queues[channel_id] = []
+            if channel_id in self._dropped:
+                self._forget_dropped.cancel(channel_id)     # kept while the queue lives
         entry = (cursor, text, message)
         if not queue or queue[-1][0] <= cursor:
             queue.append(entry)
@@ -234,7 +261,9 @@ class MemoryStore:
             # The first published goes, not the lowest cursor: a publisher's
             # cursor far ahead must not pin a channel's queue.
             first = min(range(len(queue)), key=lambda index: queue[index][2].order)
-            self._release(queue.pop(first)[2])
+            cursor, text, message = queue.pop(first)
+            self._mark_dropped(channel_id, cursor, text)
+            self._release(message)
 
     def _hold(self, message: Message) -> None:
         if not message.queued:
@@ -278,6 +307,9 @@ class MemoryStore:
         if queue is not None:
             for _, _, message in queue:
                 self._release(message)
+            if queue:
+                self._mark_dropped(channel_id, queue[-1][0], queue[-1][1])
+                self._forget_dropped.set(channel_id, self._clock() + self.settings.clean_id_after)
             self.version += 1
         self._by_publish.pop(channel_id, None)
 
@@ -367,6 +399,8 @@ class MemoryStore:
                 self._log("offline", channel_id)
         for channel_id in self._cleaning.pop_due(now):
             self._empty_queue(channel_id)
+        for channel_id in self._forget_dropped.pop_due(now):
+            self._dropped.pop(channel_id, None)
 
     def reconfigure(self, settings: Settings) -> None:
         """Take on new tunables; queues and presence stay."""

@@ -7,20 +7,22 @@ Engines differ only in how they read, wait and write.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Callable
 
 from .config import Config
 from .metrics import Refusals
 from .pages import Page
-from .protocol import Identifier, ProtocolError, parse_wait_request
+from .protocol import Identifier, ProtocolError, asks_reset, parse_resume, parse_wait_request
 
 FIRST_BYTES = b" \r\n"
 NO_CACHE = (("Cache-Control", "no-store, no-cache, must-revalidate"),
             ("Expires", "Mon, 26 Jul 1997 05:00:00 GMT"))
 _STATUS = {200: "200 OK", 204: "204 No Content", 304: "304 Not Modified",
            400: "400 Bad Request", 403: "403 Forbidden", 405: "405 Method Not Allowed",
-           413: "413 Payload Too Large"}
+           406: "406 Not Acceptable", 408: "408 Request Timeout", 413: "413 Payload Too Large"}
+EVENT_STREAM = "text/event-stream"
 
 Header = Callable[[str], "str | None"]
 ReadBody = Callable[[int], bytes]
@@ -33,6 +35,28 @@ class Reply:
     status: str
     headers: tuple[tuple[str, str], ...]
     body: bytes = b""
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """A WAIT request that is more than a plain long poll.
+
+    ``stream``: an event stream (``Accept: text/event-stream``), which is
+    always told of history cuts; otherwise a long poll that asked for them
+    (``reset=1``). ``resume`` holds the cursors of the stream's
+    ``Last-Event-ID``, which win over those of the identifier.
+    """
+
+    identifier: Identifier
+    stream: bool = False
+    resume: dict = field(default_factory=dict)
+
+    def cursors(self) -> tuple[dict[str, Decimal | None], dict[str, str | None]]:
+        """Each listened channel's cursor and its text (None: from now)."""
+        cursors, texts = {}, {}
+        for item in self.identifier.items:
+            cursors[item.id], texts[item.id] = self.resume.get(item.id, (item.cursor, item.cursor_text))
+        return cursors, texts
 
 
 class WaitLine:
@@ -53,8 +77,9 @@ class WaitLine:
         self._any_origin = "*" in config.CORS_ORIGINS
         self._origins = frozenset(config.CORS_ORIGINS)
 
-    def answer(self, method: str, target: str, header: Header, read_body: ReadBody) -> Reply | Identifier:
-        """A Reply to send as is, or the Identifier of a long poll."""
+    def answer(self, method: str, target: str, header: Header,
+               read_body: ReadBody) -> Reply | Identifier | Subscription:
+        """A Reply to send as is, the Identifier of a plain long poll, or a Subscription."""
         cors = self.cors_headers(header("origin"))
         try:
             if method == "OPTIONS":
@@ -73,12 +98,33 @@ class WaitLine:
         if method == "HEAD":
             # A poll's headers and no body: a HEAD request can never get a message.
             return Reply(_STATUS[200], (*self._poll_headers, *cors, ("Connection", "close")))
+        accept = header("accept")
+        if accept is not None and EVENT_STREAM in accept:
+            return self._stream(method, header, request.identifier, cors)
+        if asks_reset(target):
+            return Subscription(request.identifier)
         return request.identifier
 
     def refused(self, error: ProtocolError, cors=()) -> Reply:
         """Count a refused request and make its reply."""
         self.refusals.count("wait", error.status)
         return error_reply(error, cors)
+
+    def _stream(self, method: str, header: Header, identifier: Identifier, cors) -> Reply | Subscription:
+        if "eventsource" not in self.config.STREAM_TRANSPORTS or method != "GET":
+            return self.refused(ProtocolError(406, "event streams are not served here: long-poll instead"), cors)
+        try:
+            resume = parse_resume(header("last-event-id"))
+        except ProtocolError as error:
+            return self.refused(error, cors)
+        return Subscription(identifier, stream=True, resume=resume)
+
+    def stream_head(self, origin: str | None) -> bytes:
+        """The status line and headers of an event stream (its body ends when the connection does)."""
+        return render_head(_STATUS[200], (
+            ("Content-Type", f"{EVENT_STREAM}; charset=utf-8"), *NO_CACHE,
+            # nginx would otherwise hold the events back in its buffer.
+            ("X-Accel-Buffering", "no"), *self.cors_headers(origin), ("Connection", "close")))
 
     def poll_headers(self, origin: str | None) -> tuple[tuple[str, str], ...]:
         """Headers of a long poll's ``200`` (the engine adds how the body ends)."""

@@ -32,7 +32,8 @@ from .clientlog import bad_request, escape, peer
 from .deadlines import Deadlines
 from .eventloop import READ, Acceptor, Sweeper, close_connection, lend, linger, sendall_within, take_back
 from .protocol import ProtocolError
-from .wait import FIRST_BYTES, Reply, WaitLine, error_reply, render_head, render_reply, wants_keep_alive
+from .streams import EventStream, cuts_or_none, render_cuts
+from .wait import FIRST_BYTES, Reply, Subscription, WaitLine, error_reply, render_head, render_reply, wants_keep_alive
 
 log = logging.getLogger("realplexor.wait")
 
@@ -48,7 +49,7 @@ _LAST_CHUNK = b"0\r\n\r\n"
 _EMPTY_CHUNKED = b"3\r\n \r\n\r\n" + _LAST_CHUNK
 # The only request headers the WAIT line looks at.
 _WANTED_HEADERS = frozenset({b"origin", b"connection", b"content-length", b"if-modified-since",
-                             b"access-control-request-headers"})
+                             b"access-control-request-headers", b"accept", b"last-event-id"})
 # Headers in which a "close" makes llhttp refuse any further request.
 _CLOSING_HEADERS = frozenset({b"connection", b"proxy-connection"})
 # What happens to a connection once its answer is out.
@@ -167,6 +168,8 @@ class LeanWaitServer:
         self._heads: dict[tuple, bytes] = {}
         self._framed_for: bytes | None = None
         self._framed = b""
+        # Event streams served, each by a greenlet holding its connection.
+        self._streams: set[EventStream] = set()
         self._sweeper = Sweeper(self._sweep, SWEEP_INTERVAL, "lean WAIT engine")
 
     # -- life ----------------------------------------------------------------
@@ -185,6 +188,8 @@ class LeanWaitServer:
             self._close(conn)
         for conn in [*self._starting, *self._idle]:
             self._close(conn)
+        for stream in list(self._streams):
+            stream.close("server stopping")
         self._parked.clear()
         self._starting.clear()
         self._idle.clear()
@@ -326,11 +331,50 @@ class LeanWaitServer:
             self._send(conn, render_reply(result), _LINGER if request.pipelined else _CLOSE)
             return
         keep_alive = not request.pipelined and wants_keep_alive(version, request.headers.get("connection"))
+        origin = request.headers.get("origin")
+        if isinstance(result, Subscription):
+            if result.stream:
+                self._start_stream(conn, result, origin)
+            elif self.state.blocking:
+                gevent.spawn(self._poll_with_cuts, conn, result, keep_alive, origin)
+            else:
+                self._poll_with_cuts(conn, result, keep_alive, origin)
+            return
+        self._poll(conn, result.listened(), keep_alive, origin)
+
+    def _poll_with_cuts(self, conn: LeanPoll, subscription: Subscription, keep_alive: bool,
+                        origin: str | None) -> None:
+        """A long poll that asked for history cuts: told of them at once, if any."""
+        cursors = subscription.cursors()[0]
+        cuts = cuts_or_none(self.state, cursors)
+        if cuts:
+            self._send(conn, self._head(origin, keep_alive) + self._frame(FIRST_BYTES + render_cuts(cuts), keep_alive),
+                       _IDLE if keep_alive else _CLOSE)
+            return
+        self._poll(conn, cursors, keep_alive, origin)
+
+    def _start_stream(self, conn: LeanPoll, subscription: Subscription, origin: str | None) -> None:
+        """Hand the connection to a greenlet that serves it as an event stream."""
+        sock, conn.sock = conn.sock, None
+        self._close(conn)
+        cursors, texts = subscription.cursors()
+        stream = EventStream(sock, self.state, self.line.config, cursors, texts)
+        self._streams.add(stream)
+        gevent.spawn(self._serve_stream, stream, sock, self.line.stream_head(origin))
+
+    def _serve_stream(self, stream: EventStream, sock: socket.socket, head: bytes) -> None:
+        try:
+            stream.run(head)
+        finally:
+            self._streams.discard(stream)
+            sock.close()
+
+    def _poll(self, conn: LeanPoll, cursors: dict, keep_alive: bool, origin: str | None) -> None:
         conn.keep_alive = keep_alive
-        conn.cursors = result.listened()
+        conn.cursors = cursors
         conn.pending = None
         body = self.state.listen(conn)
-        head = self._head(request.headers.get("origin"), keep_alive)
+        head = self._head(origin, keep_alive)
         if body is not None:
             self._send(conn, head + self._frame(FIRST_BYTES + body, keep_alive), _IDLE if keep_alive else _CLOSE)
         elif keep_alive:

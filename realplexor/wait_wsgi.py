@@ -23,7 +23,8 @@ from .channels import ChannelState
 from .clientlog import bad_request, escape, peer
 from .eventloop import ACCEPT_PAUSE, Starvation, linger, out_of_files, peer_closed
 from .protocol import ProtocolError
-from .wait import FIRST_BYTES, ReadBody, Reply, WaitLine, error_reply, render_reply, wants_keep_alive
+from .streams import EventStream, cuts_or_none, render_cuts
+from .wait import FIRST_BYTES, ReadBody, Reply, Subscription, WaitLine, error_reply, render_reply, wants_keep_alive
 
 StartResponse = Callable[..., object]
 _CLOSE = (("Connection", "close"),)
@@ -72,6 +73,7 @@ class WaitApp:
     def __init__(self, line: WaitLine, state: ChannelState):
         self.line = line
         self.state = state
+        self.streams: set[EventStream] = set()
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         target = environ.get("PATH_INFO", "")
@@ -88,9 +90,20 @@ class WaitApp:
         if isinstance(result, Reply):
             start_response(result.status, list(result.headers))
             return [result.body]
-        listener = WaitListener(result.listened())
+        body = None
+        if isinstance(result, Subscription):
+            if result.stream:
+                return self._stream(environ, start_response, result)
+            cursors = result.cursors()[0]
+            cuts = cuts_or_none(self.state, cursors)
+            if cuts:
+                body = render_cuts(cuts)
+        else:
+            cursors = result.listened()
+        listener = WaitListener(cursors)
         environ["realplexor.listener"] = listener
-        body = self.state.listen(listener)
+        if body is None:
+            body = self.state.listen(listener)
         headers = self.line.poll_headers(environ.get("HTTP_ORIGIN"))
         keep_alive = wants_keep_alive(environ.get("SERVER_PROTOCOL", ""), environ.get("HTTP_CONNECTION"))
         if not keep_alive:
@@ -101,6 +114,25 @@ class WaitApp:
         # The whole response, last chunk included, leaves in one write.
         environ["realplexor.one_write"] = keep_alive
         return self._long_poll(listener, _client_socket(environ), "realplexor.socket" in environ, keep_alive)
+
+    def _stream(self, environ: dict, start_response: StartResponse, subscription: Subscription) -> Iterable[bytes]:
+        """Serve an event stream on the connection, taken over from the WSGI server."""
+        sock = environ.get("realplexor.socket")
+        if sock is None:
+            # Under gunicorn the connection cannot be taken over: the client long-polls instead.
+            reply = error_reply(ProtocolError(406, "event streams are not served here: long-poll instead"),
+                                self.line.cors_headers(environ.get("HTTP_ORIGIN")))
+            start_response(reply.status, list(reply.headers))
+            return [reply.body]
+        environ["realplexor.taken_over"] = True
+        cursors, texts = subscription.cursors()
+        stream = EventStream(getattr(sock, "_sock", sock), self.state, self.line.config, cursors, texts)
+        self.streams.add(stream)
+        try:
+            stream.run(self.line.stream_head(environ.get("HTTP_ORIGIN")))
+        finally:
+            self.streams.discard(stream)
+        return []
 
     def _long_poll(self, listener: WaitListener, sock: socket.socket | None, ours: bool,
                    keep_alive: bool) -> Iterator[bytes]:
@@ -333,6 +365,10 @@ class LongPollHandler(WSGIHandler):
                 self._send_by_deadline(bytes(held))
 
     def process_result(self) -> None:
+        if self.environ.get("realplexor.taken_over"):
+            # An event stream wrote its own response, and ended it by closing.
+            self.status, self.headers_sent, self.close_connection = "200 OK", True, True
+            return
         if not self.environ.get("realplexor.one_write"):
             super().process_result()
             return

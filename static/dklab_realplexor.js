@@ -1,8 +1,11 @@
 /*
- * Realplexor JavaScript client: long polling over cross-origin fetch.
+ * Realplexor JavaScript client: an event stream (EventSource) where the
+ * browser has one and the server offers it, else long polling over
+ * cross-origin fetch.
  *
  *   var rpl = new Dklab_Realplexor("https://rpl.example.com/", "demo_");
  *   rpl.subscribe("Alpha", function (data, id, cursor) { ... });
+ *   rpl.onReset(function (id, cursor) { ... });  // optional: messages up to cursor were lost
  *   rpl.execute();
  *
  * The server serves this file at /?identifier=SCRIPT with the dollar
@@ -13,7 +16,10 @@
  * cursor seen on it ("identifier=CURSOR:ID,ID2,..."); after each answer the
  * client dispatches the parts and reconnects with the new cursors. Cursors
  * are kept as the strings the server sent: a double cannot tell two
- * consecutive server cursors apart.
+ * consecutive server cursors apart. An event stream carries the same parts,
+ * one per event; when it fails before it ever opened (a server or proxy
+ * that refuses it) the client long-polls for the rest of the page's life.
+ * Every new request starts from the cursors seen, whatever the transport.
  *
  * No IFRAME and no document.domain: the WAIT line answers CORS.
  */
@@ -38,6 +44,10 @@
     identifier: text("$IDENTIFIER", "identifier"),       // the marker word before "="
     debug: text("$JS_DEBUG", "false") === "true"
   };
+
+  // What the server offers besides long polls (STREAM_TRANSPORTS): a server
+  // that offers no event stream is not asked for one.
+  var TRANSPORTS = text("$STREAM_TRANSPORTS", "eventsource").split(",");
 
   var VERSION = "2.0";
   var MAX_GET_URL = 1500;       // longer URLs go as POST bodies
@@ -103,6 +113,9 @@
     this._timer = null;       // the next poll, when one is scheduled
     this._failures = 0;       // failed polls in a row
     this._dispatching = false;
+    this._resetCallbacks = [];
+    this._cursorsSet = false; // setCursor() since the stream opened
+    this._streamRefused = !global.EventSource || TRANSPORTS.indexOf("eventsource") < 0;
   }
 
   Dklab_Realplexor.VERSION = VERSION;
@@ -122,6 +135,18 @@
   // Takes effect on the next execute().
   Dklab_Realplexor.prototype.setCursor = function (id, cursor) {
     this._entry(id).cursor = cursor == null ? null : String(cursor);
+    this._cursorsSet = true;
+    return this;
+  };
+
+  // Add callback(id, cursor), called when the server no longer held every
+  // message of a subscribed id after its cursor (MAX_DATA_FOR_ID or
+  // CLEAN_ID_AFTER dropped them): those up to cursor were lost. Messages
+  // after it follow as usual.
+  Dklab_Realplexor.prototype.onReset = function (callback) {
+    if (typeof callback === "function" && this._resetCallbacks.indexOf(callback) < 0) {
+      this._resetCallbacks.push(callback);
+    }
     return this;
   };
 
@@ -153,7 +178,8 @@
   Dklab_Realplexor.prototype.execute = function () {
     if (this._dispatching || this._timer !== null) return this;
     if (this._request !== null) {
-      if (this._request.identifier === this._identifier()) return this;
+      if (this._request.source ? !this._cursorsSet && this._request.channels === this._channels()
+          : this._request.identifier === this._identifier()) return this;
       debug("subscriptions changed, reconnecting");
       this._abort();
     }
@@ -186,6 +212,11 @@
     return items.join(",");
   };
 
+  // The subscribed ids on the wire, without cursors: what a stream listens to.
+  Dklab_Realplexor.prototype._channels = function () {
+    return this._identifier().replace(/(^|,)[\d.]+:/g, "$1");
+  };
+
   Dklab_Realplexor.prototype._schedule = function (seconds) {
     var self = this;
     if (this._timer !== null) clearTimeout(this._timer);
@@ -198,7 +229,9 @@
   Dklab_Realplexor.prototype._abort = function () {
     var request = this._request;
     this._request = null;
-    if (request) {
+    if (request && request.source) {
+      request.source.close();
+    } else if (request) {
       clearTimeout(request.watchdog);
       request.controller.abort();
     }
@@ -212,11 +245,18 @@
     }
     var self = this;
     var marker = encodeURIComponent(CONFIG.identifier);
-    var url = this._waitUrl + (this._waitUrl.indexOf("?") < 0 ? "?" : "&")
-      + marker + "=" + identifier + "&ncrnd=" + Date.now() + Math.floor(Math.random() * 1e6);
+    var joint = this._waitUrl.indexOf("?") < 0 ? "?" : "&";
+    // reset=1: the server tells of lost messages (see onReset); old servers ignore it.
+    var url = this._waitUrl + joint + marker + "=" + identifier + "&ncrnd=" + Date.now()
+      + Math.floor(Math.random() * 1e6) + "&reset=1";
+    // An event stream can only be a GET; the IFRAME bridge keeps long polling.
+    if (!this._streamRefused && this._caller === null && url.length <= MAX_GET_URL) {
+      this._openStream(identifier, url);
+      return;
+    }
     var options = { method: "GET", cache: "no-store", credentials: "omit", mode: "cors" };
     if (url.length > MAX_GET_URL) {
-      url = this._waitUrl;
+      url = this._waitUrl + joint + "reset=1";
       options.method = "POST";
       options.headers = { "Content-Type": "application/x-www-form-urlencoded" };
       options.body = marker + "=" + identifier + "\n";
@@ -247,6 +287,64 @@
       clearTimeout(request.watchdog);
       self._failed(error);
     });
+  };
+
+  // The stream: one event per part. The browser reconnects a stream that
+  // broke after it opened (its Last-Event-ID carries the cursors); one that
+  // never opened is given up for long polling.
+  Dklab_Realplexor.prototype._openStream = function (identifier, url) {
+    var self = this;
+    var request = { identifier: identifier, channels: this._channels(), source: null, opened: false };
+    this._cursorsSet = false;
+    try {
+      request.source = new global.EventSource(url);
+    } catch (error) {
+      this._streamRefused = true;
+      this._schedule(0);
+      return;
+    }
+    this._request = request;
+    debug("stream", identifier);
+    request.source.onopen = function () {
+      if (self._request !== request) return;
+      request.opened = true;
+      self._failures = 0;
+    };
+    request.source.onmessage = function (event) {
+      if (self._request !== request) return;
+      var part;
+      try {
+        part = JSON.parse(event.data);
+      } catch (error) {
+        report(new Error("unreadable event: " + error.message));
+        return;
+      }
+      self._dispatching = true;
+      try {
+        self._dispatch([part]);
+      } catch (error) {
+        report(error);
+      } finally {
+        self._dispatching = false;
+      }
+      // Subscriptions changed in a callback: listen to them now.
+      if (self._request === request && request.channels !== self._channels()) {
+        self._abort();
+        self._schedule(0);
+      }
+    };
+    request.source.onerror = function () {
+      if (self._request !== request) return;
+      if (!request.opened) {
+        debug("event stream refused, long polling instead");
+        self._streamRefused = true;
+        self._abort();
+        self._schedule(0);
+      } else if (request.source.readyState === 2) {
+        self._abort();
+        self._failed(new Error("event stream closed"));
+      }
+    };
   };
 
   Dklab_Realplexor.prototype._answered = function (body, elapsedMs) {
@@ -308,6 +406,7 @@
     for (var i = 0; i < parts.length; i++) {
       var part = parts[i];
       if (!part || typeof part.ids !== "object" || part.ids === null) continue;
+      var reset = part.reset === true;
       for (var wireId in part.ids) {
         if (!Object.prototype.hasOwnProperty.call(part.ids, wireId)) continue;
         if (wireId.slice(0, prefix.length) !== prefix) continue;
@@ -318,6 +417,13 @@
         if (!entry || !isCursor(cursor)) continue;
         if (entry.cursor != null && isCursor(entry.cursor) && compareCursors(cursor, entry.cursor) <= 0) continue;
         entry.cursor = cursor;
+        if (reset) {
+          // Messages up to cursor were lost; what follows comes after it.
+          if (!entry.callbacks.length) continue;
+          var resets = this._resetCallbacks.slice();
+          for (var k = 0; k < resets.length; k++) this._call(resets[k], [id, cursor]);
+          continue;
+        }
         var callbacks = entry.callbacks.slice();
         for (var j = 0; j < callbacks.length; j++) {
           // A callback unsubscribed by an earlier one is not called.

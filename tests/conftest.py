@@ -41,6 +41,9 @@ def write_config(path: Path, **options) -> Path:
     options.setdefault("WAIT_ADDR", ["127.0.0.1:0"])
     options.setdefault("IN_ADDR", ["127.0.0.1:0"])
     options.setdefault("VERBOSITY", 1)
+    # Long polls only, unless a test asks for event streams: the long-poll
+    # tests (the browser's above all) keep testing long polls.
+    options.setdefault("STREAM_TRANSPORTS", [])
     path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in options.items()))
     return path
 

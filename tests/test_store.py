@@ -6,6 +6,7 @@ Redis store's tests share one server without meeting.
 """
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 
 import pytest
@@ -117,3 +118,50 @@ def test_an_answer_is_capped_at_max_answer_oldest_first(make_store, cid):
 
 def test_a_fresh_stores_positions_start_at_10(make_store):
     assert make_store().position() >= 10
+
+
+def dropped(store, **cursors) -> dict[str, str]:
+    """The channels on which a listener of these cursors missed messages, with the newest dropped cursor."""
+    return dict(store.dropped_after({channel: None if cursor is None else Decimal(cursor)
+                                     for channel, cursor in cursors.items()}))
+
+
+def test_nothing_dropped_means_no_cut_whatever_the_cursor(make_store, cid):
+    store = make_store(max_data_for_id=3)
+    publish(store, f"{cid}a")
+    assert dropped(store, **{f"{cid}a": "0", f"{cid}never": "0"}) == {}
+
+
+def test_messages_cut_by_max_data_for_id_are_told_to_a_listener_behind_them(make_store, cid):
+    store = make_store(max_data_for_id=2)
+    cursors = [publish(store, f"{cid}a", f'"{n}"')[f"{cid}a"] for n in range(4)]
+    # 0 and 1 were dropped: a listener before 1 missed some, one at 1 or later missed none.
+    assert dropped(store, **{f"{cid}a": "0"}) == {f"{cid}a": cursors[1]}
+    assert dropped(store, **{f"{cid}a": cursors[0]}) == {f"{cid}a": cursors[1]}
+    assert dropped(store, **{f"{cid}a": cursors[1]}) == {}
+    assert dropped(store, **{f"{cid}a": None}) == {}
+    assert [data for _, data in replay(store, **{f"{cid}a": cursors[1]})] == ['"2"', '"3"']
+
+
+def test_publishers_small_cursors_are_compared_exactly_when_dropped(make_store, cid):
+    store = make_store(max_data_for_id=1)
+    publish(store, f"9:{cid}a")
+    publish(store, f"10:{cid}a")
+    assert dropped(store, **{f"{cid}a": "8.5"}) == {f"{cid}a": "9"}
+    assert dropped(store, **{f"{cid}a": "9"}) == {}
+
+
+def test_a_queue_emptied_after_clean_id_after_counts_as_dropped(make_store, cid):
+    store = make_store(clean_id_after=0.2)
+    first = publish(store, f"{cid}a")[f"{cid}a"]
+    deadline = time.monotonic() + 5
+    while replay(store, **{f"{cid}a": "0"}):
+        assert time.monotonic() < deadline, "the queue was never emptied"
+        time.sleep(0.05)
+    store.expire()
+    assert dropped(store, **{f"{cid}a": "0"}) == {f"{cid}a": first}
+    # A publish after the emptying keeps the mark for listeners behind it.
+    later = publish(store, f"{cid}a")[f"{cid}a"]
+    assert dropped(store, **{f"{cid}a": "0"}) == {f"{cid}a": first}
+    assert dropped(store, **{f"{cid}a": first}) == {}
+    assert [ids[f"{cid}a"] for ids, _ in replay(store, **{f"{cid}a": first})] == [later]

@@ -1,0 +1,246 @@
+"""Event streams (EventSource) on the WAIT line, the same on both engines.
+
+A stream is one connection that gets every message as an event for as
+long as its client stays, in rounds:
+
+    listen with its cursors -> parts -> events written -> cursors moved on -> listen again
+
+Each round registers a fresh :class:`_Round` with the channel state,
+exactly as a long poll would, so ONLINE, WATCH, limiters and history
+are the long poll's. The fan-out hands over the long-poll body it
+rendered; it is parsed back once per body (every stream woken by one
+publish gets the same bytes) into parts kept as one-line JSON texts.
+An event is ``id: CURSOR:ID,...`` (every listened channel's cursor
+after it, as an identifier) and ``data: PART``; a browser sends the id
+back as ``Last-Event-ID`` when it reconnects.
+
+Writing never blocks: what the socket does not take at once waits in the
+stream's backlog and goes out when the socket is writable. An answer that
+finds more than STREAM_MAX_BACKLOG bytes still waiting closes the stream
+(the first answer always goes, however large), as does a backlog that
+nothing of is taken within WRITE_TIMEOUT; the client resumes by cursor.
+
+A stream is ``open`` until it is ``closed``: by its client leaving (or
+sending bytes), by its backlog, or by the server stopping. The engine
+runs :meth:`EventStream.run` in a greenlet and closes the socket after.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from decimal import Decimal
+
+import simplejson
+from gevent.event import Event
+from gevent.hub import get_hub
+
+from .channels import ChannelState
+from .config import Config
+from .protocol import render_reset_parts
+from .store import StoreDown
+
+log = logging.getLogger("realplexor.wait")
+
+_READ, _WRITE = 1, 2
+_READ_SIZE = 4096
+# Bytes a client may send on its event stream (it should send none).
+MAX_STREAM_INPUT = 4096
+_KEEP_ALIVE = b": keep-alive\n\n"
+
+# The last body parsed and its parts: a publish wakes every stream with the same bytes.
+_parsed_for: bytes | None = None
+_parsed: list[tuple[dict[str, str], bytes]] = []
+
+
+def render_cuts(cuts: list[tuple[str, str]]) -> bytes:
+    """History cuts as a long-poll body of reset parts."""
+    return b"[" + b",".join(render_reset_parts(cuts)) + b"]"
+
+
+def cuts_or_none(state: ChannelState, cursors: dict[str, Decimal | None]) -> list[tuple[str, str]]:
+    """``state.cuts(cursors)``; none while a shared store cannot be reached (the client
+    still gets what is queued)."""
+    try:
+        return state.cuts(cursors)
+    except StoreDown:
+        return []
+
+
+def parse_parts(body: bytes) -> list[tuple[dict[str, str], bytes]]:
+    """A long-poll body's parts: each part's ids with their cursor texts, and the part as one line of JSON."""
+    global _parsed_for, _parsed
+    if body is _parsed_for:
+        return _parsed
+    parts = []
+    # Decimals keep the publisher's numbers exact; the text is the same JSON on one line.
+    for part in simplejson.loads(body, use_decimal=True):
+        line = simplejson.dumps(part, use_decimal=True, ensure_ascii=False, separators=(",", ":"))
+        parts.append((part["ids"], line.encode("utf-8")))
+    _parsed_for, _parsed = body, parts
+    return parts
+
+
+class _Round:
+    """One round of a stream as the channel state sees it: a listener delivered once."""
+
+    __slots__ = ("cursors", "body", "stream")
+
+    def __init__(self, cursors: dict[str, Decimal | None], stream: "EventStream"):
+        self.cursors = cursors
+        self.body: bytes | None = None
+        self.stream = stream
+
+    def deliver(self, body: bytes) -> None:
+        """Keep the body and wake the stream's greenlet."""
+        self.body = body
+        self.stream.wake()
+
+
+class EventStream:
+    """One event stream on a non-blocking socket; :meth:`run` serves it to the end."""
+
+    def __init__(self, sock, state: ChannelState, config: Config,
+                 cursors: dict[str, Decimal | None], texts: dict[str, str | None]):
+        self._sock = sock
+        self._state = state
+        self._config = config
+        # channel id -> cursor listened from, and its text as the id line gives it
+        self._cursors = cursors
+        self._texts = texts
+        self._wake = Event()
+        self._backlog = bytearray()
+        self._taken_at = time.monotonic()
+        self._received = 0
+        self._reader = None
+        self._writer = None
+        #: None while open; then why it closed.
+        self.closed: str | None = None
+
+    def wake(self) -> None:
+        """Make the stream's greenlet look at its state."""
+        self._wake.set()
+
+    def close(self, why: str) -> None:
+        """End the stream (its greenlet finishes and returns)."""
+        if self.closed is None:
+            self.closed = why
+        self._wake.set()
+
+    def run(self, head: bytes) -> str:
+        """Send ``head``, then events until the stream closes; why it closed."""
+        loop = get_hub().loop
+        fileno = self._sock.fileno()
+        self._reader = loop.io(fileno, _READ)
+        self._writer = loop.io(fileno, _WRITE)
+        self._reader.start(self._readable)
+        current: _Round | None = None
+        try:
+            self._write(head)
+            self._tell_cuts()
+            while self.closed is None:
+                if current is None:
+                    current = _Round(dict(self._cursors), self)
+                    body = self._state.listen(current)
+                    if body is not None:
+                        taken, current = current, None
+                        self._take(body, taken)
+                        continue
+                woke = self._wake.wait(self._patience())
+                self._wake.clear()
+                if self.closed is None and current.body is not None:
+                    taken, current = current, None
+                    self._take(taken.body, taken)
+                elif self.closed is None and not woke:
+                    self._idle()
+        finally:
+            if current is not None:
+                self._state.unlisten(current)
+            self._reader.close()
+            self._writer.close()
+        return self.closed
+
+    # -- events ----------------------------------------------------------------------
+
+    def _tell_cuts(self) -> None:
+        """History cuts before anything else: the client learns what it missed."""
+        cuts = cuts_or_none(self._state, self._cursors)
+        if cuts:
+            self._take(render_cuts(cuts), None)
+
+    def _take(self, body: bytes, done: _Round | None) -> None:
+        """Turn an answer into events and write them; the cursors move on past it."""
+        if done is not None:
+            # "From now" cursors were set when the round was registered.
+            for channel_id, cursor in done.cursors.items():
+                if self._cursors.get(channel_id) is None and cursor is not None:
+                    self._cursors[channel_id], self._texts[channel_id] = cursor, str(cursor)
+        events = []
+        for ids, line in parse_parts(body):
+            for channel_id, text in ids.items():
+                if channel_id in self._cursors:
+                    self._cursors[channel_id], self._texts[channel_id] = Decimal(text), text
+            events.append(b"id: %s\ndata: %s\n\n" % (self._event_id(), line))
+        data = b"".join(events)
+        if self._backlog and len(self._backlog) + len(data) > self._config.STREAM_MAX_BACKLOG:
+            self.close(f"more than STREAM_MAX_BACKLOG ({self._config.STREAM_MAX_BACKLOG} bytes) not taken")
+            return
+        self._write(data)
+
+    def _event_id(self) -> bytes:
+        return ",".join(f"{text}:{channel_id}" for channel_id, text in self._texts.items()
+                        if text is not None).encode()
+
+    def _idle(self) -> None:
+        """Nothing came within the patience: a keep-alive comment, or the backlog's deadline."""
+        if not self._backlog:
+            self._write(_KEEP_ALIVE)
+        elif time.monotonic() - self._taken_at >= self._config.WRITE_TIMEOUT:
+            self.close(f"nothing taken within WRITE_TIMEOUT ({self._config.WRITE_TIMEOUT:g} s)")
+
+    def _patience(self) -> float:
+        if self._backlog:
+            return min(self._config.STREAM_PING_INTERVAL, self._config.WRITE_TIMEOUT)
+        return self._config.STREAM_PING_INTERVAL
+
+    # -- the socket --------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if not self._backlog:
+            self._taken_at = time.monotonic()
+        self._backlog += data
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send what the socket takes now; the rest when it is writable (a loop callback)."""
+        try:
+            sent = self._sock.send(self._backlog) if self._backlog else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._backlog.clear()
+            self.close("client gone")
+            return
+        if sent:
+            del self._backlog[:sent]
+            self._taken_at = time.monotonic()
+        if self._backlog and self.closed is None:
+            if not self._writer.active:
+                self._writer.start(self._flush)
+        elif self._writer.active:
+            self._writer.stop()
+
+    def _readable(self) -> None:
+        try:
+            data = self._sock.recv(_READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._reader.stop()
+            self.close("client gone")
+            return
+        self._received += len(data)
+        if self._received > MAX_STREAM_INPUT:
+            self._reader.stop()
+            self.close("client sent data on its event stream")

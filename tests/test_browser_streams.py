@@ -1,0 +1,74 @@
+"""The JavaScript client over event streams in a real headless Chromium.
+
+The harness and fixtures are the long-poll browser tests' (tests/test_browser.py):
+``window.requests`` records only fetch() calls, that is long polls.
+"""
+from __future__ import annotations
+
+import pytest
+
+from test_browser import (open_page, open_with_server_script, page, received, requests, site,  # noqa: F401
+                          wait_listening, wait_url)
+
+STREAMS = ["eventsource"]
+
+
+def test_messages_arrive_over_an_event_stream_with_no_long_poll(page, site, server_factory, cid):
+    server = server_factory(STREAM_TRANSPORTS=STREAMS)
+    open_with_server_script(page, site, server)
+    page.evaluate(f"""window.rpl = new Dklab_Realplexor({wait_url(server.wait_port)!r});
+        rpl.subscribe("{cid}a", recorder("a")).subscribe("{cid}b", recorder("b")).execute()""")
+    wait_listening(server, f"{cid}a", f"{cid}b")
+    server.publish(f"{cid}a,{cid}b", '{"both": 1}')
+    server.publish(f"{cid}b", '"only b"')
+    got = received(page, 3)
+    assert [(r["tag"], r["data"]) for r in got] == [("a", {"both": 1}), ("b", {"both": 1}), ("b", "only b")]
+    assert got[0]["cursor"] == got[1]["cursor"] and got[0]["cursorType"] == "string"
+    assert requests(page) == []
+
+
+def test_subscribing_after_execute_reopens_the_stream_from_the_cursors_seen(page, site, server_factory, cid):
+    server = server_factory(STREAM_TRANSPORTS=STREAMS)
+    open_with_server_script(page, site, server)
+    page.evaluate(f"""window.rpl = new Dklab_Realplexor({wait_url(server.wait_port)!r});
+        rpl.subscribe("{cid}a", recorder("a")).execute()""")
+    wait_listening(server, f"{cid}a")
+    server.publish(f"{cid}a", '"one"')
+    received(page, 1)
+    server.publish(f"{cid}a", '"two"')      # may come before or after the stream reopens
+    page.evaluate(f"""rpl.subscribe("{cid}b", recorder("b")).execute()""")
+    wait_listening(server, f"{cid}b")
+    server.publish(f"{cid}b", '"three"')
+    got = received(page, 3)
+    assert [(r["tag"], r["data"]) for r in got] == [("a", "one"), ("a", "two"), ("b", "three")]
+    assert requests(page) == []
+
+
+def test_a_refused_event_stream_falls_back_to_long_polling(page, site, server_factory, cid):
+    # The plain file does not know the server refuses streams: it tries one first.
+    server = server_factory(STREAM_TRANSPORTS=[])
+    open_page(page, site, f"{site}/dklab_realplexor.js")
+    page.evaluate(f"""window.rpl = new Dklab_Realplexor({wait_url(server.wait_port)!r});
+        rpl.subscribe("{cid}a", recorder("a")).execute()""")
+    wait_listening(server, f"{cid}a")
+    server.publish(f"{cid}a", '"polled"')
+    assert [r["data"] for r in received(page, 1)] == ["polled"]
+    assert requests(page) and "reset=1" in requests(page)[0]["url"]
+
+
+@pytest.mark.parametrize("transports", [STREAMS, []], ids=["eventsource", "long-poll"])
+def test_a_history_cut_reaches_the_page(page, site, server_factory, cid, transports):
+    server = server_factory(STREAM_TRANSPORTS=transports, MAX_DATA_FOR_ID=2)
+    cursors = [server.publish(f"{cid}a", f'"{n}"') for n in range(4)]
+    assert len(cursors) == 4
+    open_with_server_script(page, site, server)
+    page.evaluate(f"""window.resets = [];
+        window.rpl = new Dklab_Realplexor({wait_url(server.wait_port)!r});
+        rpl.onReset(function (id, cursor) {{ resets.push([id, cursor, received.length]); }})
+           .setCursor("{cid}a", "0").subscribe("{cid}a", recorder("a")).execute()""")
+    got = received(page, 2)
+    assert [r["data"] for r in got] == ["2", "3"]
+    resets = page.evaluate("resets")
+    assert len(resets) == 1 and resets[0][0] == f"{cid}a" and resets[0][2] == 0
+    assert resets[0][1] < got[0]["cursor"]
+    assert (requests(page) == []) == bool(transports)
