@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from decimal import Decimal
 
 import pytest
@@ -185,3 +186,33 @@ def test_gunicorn_with_two_workers_serves_a_poll_and_a_publish(redis_server, tmp
     finally:
         process.terminate()
         process.wait(TIMEOUT)
+
+
+@pytest.mark.xfail(strict=True, reason="more than 100 polls catching up at once: redis-py's pool refuses the "
+                                       "101st connection ('Too many connections'), the poll waits without its "
+                                       "history and never gets it")
+def test_a_burst_of_polls_reading_history_gets_it_all(server_factory, redis_server, cid):
+    import redis
+
+    server = server_factory(BACKEND=redis_server.url, **SHARED)
+    channels = [f"{cid}{n}" for n in range(300)]
+    batches = [",".join(channels[start:start + 100]) for start in range(0, len(channels), 100)]
+    # Listened to once, so this process hears them and knows their newest cursor.
+    listeners = [server.listen(batch) for batch in batches]
+    server.wait_until(lambda: len(server.online(cid)) == len(channels))
+    for batch in batches:
+        server.publish(batch, '"old"')
+    for poll in listeners:
+        assert datas(poll) == ["old"]
+    # Polls that missed "old" read it from the queues; Redis holds their reads
+    # for a moment, so they all wait for it at the same time.
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.client_pause(1500, all=True)
+    polls = [server.poll(f"identifier=0:{channel}") for channel in channels]
+    for poll in polls:
+        poll.headers_arrived()
+    time.sleep(2)
+    for batch in batches:
+        server.publish(batch, '"new"')
+    missed = [channel for channel, poll in zip(channels, polls) if "old" not in datas(poll)]
+    assert missed == []
