@@ -188,9 +188,6 @@ def test_gunicorn_with_two_workers_serves_a_poll_and_a_publish(redis_server, tmp
         process.wait(TIMEOUT)
 
 
-@pytest.mark.xfail(strict=True, reason="more than 100 polls catching up at once: redis-py's pool refuses the "
-                                       "101st connection ('Too many connections'), the poll waits without its "
-                                       "history and never gets it")
 def test_a_burst_of_polls_reading_history_gets_it_all(server_factory, redis_server, cid):
     import redis
 
