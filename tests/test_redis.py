@@ -213,3 +213,36 @@ def test_a_burst_of_polls_reading_history_gets_it_all(server_factory, redis_serv
         server.publish(batch, '"new"')
     missed = [channel for channel, poll in zip(channels, polls) if "old" not in datas(poll)]
     assert missed == []
+
+
+@pytest.mark.xfail(strict=True, reason="a poll answered from the queues subscribes this process to its channels "
+                                       "and nothing ever unsubscribes it")
+def test_a_poll_answered_from_history_leaves_no_subscription_behind(server_factory, redis_server, cid):
+    import redis
+
+    server = server_factory(BACKEND=redis_server.url, **SHARED)
+    server.publish(f"{cid}a", '"old"')
+    assert datas(server.poll(f"identifier=0:{cid}a")) == ["old"]
+    # Like a channel whose last listener left: let go after UNSUBSCRIBE_AFTER (30 s).
+    with redis.Redis.from_url(redis_server.url) as client:
+        server.wait_until(lambda: not client.pubsub_channels(f"rpl:c:{cid}*"), timeout=40, interval=1)
+
+
+@pytest.mark.xfail(strict=True, reason="a poll whose read of the queues fails while the feed stays connected "
+                                       "waits from its old cursor without the history, and never gets it")
+def test_a_poll_whose_history_read_timed_out_gets_it_once_redis_answers(server_factory, redis_server, cid):
+    import redis
+
+    server = server_factory(BACKEND=redis_server.url, **SHARED)
+    heard = server.listen(f"{cid}a")
+    server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
+    server.publish(f"{cid}a", '"old"')
+    assert datas(heard) == ["old"]
+    # Redis holds every command longer than the store's socket timeout (5 s).
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.client_pause(6500, all=True)
+    poll = server.poll(f"identifier=0:{cid}a")
+    poll.headers_arrived()
+    time.sleep(7)
+    server.wait_until(lambda: server.in_http(f"{cid}a", '"new"').status == 200, timeout=20)
+    assert datas(poll)[0] == "old"
