@@ -215,8 +215,6 @@ def test_a_burst_of_polls_reading_history_gets_it_all(server_factory, redis_serv
     assert missed == []
 
 
-@pytest.mark.xfail(strict=True, reason="a poll answered from the queues subscribes this process to its channels "
-                                       "and nothing ever unsubscribes it")
 def test_a_poll_answered_from_history_leaves_no_subscription_behind(server_factory, redis_server, cid):
     import redis
 
