@@ -255,14 +255,21 @@ class Conn:
 
 
 class Clients:
-    """The client processes (pinned to the load CPU), driven over pipes."""
+    """The client processes (pinned to the load CPU), driven over pipes.
 
-    def __init__(self, kind: str, port: int, channels: list[str], keep_alive: bool):
+    ``cpus`` pins them elsewhere (a set of CPU numbers); ``crowd`` is the
+    class each process drives (a subclass of :class:`_Crowd` may check
+    what it reads).
+    """
+
+    def __init__(self, kind: str, port: int, channels: list[str], keep_alive: bool,
+                 cpus: set[int] | None = None, crowd: type | None = None):
         self.pipes = []
         for start in range(0, len(channels), PER_CLIENT):
             parent, child = multiprocessing.Pipe()
             process = multiprocessing.Process(
-                target=_client_main, args=(child, kind, port, channels[start:start + PER_CLIENT], keep_alive),
+                target=_client_main, args=(child, kind, port, channels[start:start + PER_CLIENT], keep_alive,
+                                           cpus, crowd),
                 daemon=True)
             process.start()
             self.pipes.append((parent, process))
@@ -298,10 +305,11 @@ class Clients:
                 process.kill()
 
 
-def _client_main(pipe, kind: str, port: int, channels: list[str], keep_alive: bool) -> None:
-    os.sched_setaffinity(0, {LOAD_CPU})
+def _client_main(pipe, kind: str, port: int, channels: list[str], keep_alive: bool,
+                 cpus: set[int] | None = None, crowd_class: type | None = None) -> None:
+    os.sched_setaffinity(0, cpus or {LOAD_CPU})
     raise_fd_limit()
-    crowd = _Crowd(kind, port, channels, keep_alive)
+    crowd = (crowd_class or _Crowd)(kind, port, channels, keep_alive)
     while True:
         command = pipe.recv()
         if command[0] == "quit":

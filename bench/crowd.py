@@ -22,6 +22,8 @@ from server_process import raise_fd_limit
 
 MAX_PER_CLIENT = 5000
 FIRST_BYTES = b" \r\n"
+# Linux: pick the source port at connect, not at bind (the socket module may not name it).
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 BROWSER_HEADERS = (
     "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\n"
     "Accept: */*\r\nAccept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate\r\n"
@@ -70,9 +72,10 @@ def cursor_of(body: bytes, channel: str) -> str:
 class Crowd:
     """Long polls of one client process, driven by one selector."""
 
-    def __init__(self, port: int, headers: str = BROWSER_HEADERS):
+    def __init__(self, port: int, headers: str = BROWSER_HEADERS, source: str | None = None):
         self.port = port
         self.headers = headers
+        self.source = source
         self.polls: list[Poll] = []
         self.selector = selectors.DefaultSelector()
         self._serial = 0
@@ -109,6 +112,10 @@ class Crowd:
         self._serial += 1
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
+        if self.source is not None:
+            # A source address of its own: another 28k ephemeral ports towards the same server port.
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.source, 0))
         poll = Poll(identifier, sock, wait_request(identifier, self._serial, self.headers),
                     time.monotonic())
         code = sock.connect_ex(("127.0.0.1", self.port))
@@ -136,16 +143,23 @@ class Crowd:
         poll.parked = now
         return True
 
-    def await_bodies(self, timeout: float) -> dict:
+    def await_bodies(self, timeout: float, allow_missing: bool = False) -> dict:
         """Wait until every parked poll has its body and the server closed it.
 
         Returns each body's arrival time and the cursor it names for the
-        poll's channel.
+        poll's channel. With ``allow_missing``, polls still without a body
+        after ``timeout`` are left out instead of failing, and ``missing``
+        counts them.
         """
         deadline = time.monotonic() + timeout
         open_polls = sum(1 for p in self.polls if not p.ended)
         while open_polls:
             left = deadline - time.monotonic()
+            if left <= 0 and allow_missing:
+                arrived = [p for p in self.polls if p.body_at]
+                return {"arrived": [p.body_at for p in arrived],
+                        "cursors": [cursor_of(p.body, p.identifier.rpartition(":")[2]) for p in arrived],
+                        "missing": len(self.polls) - len(arrived)}
             if left <= 0:
                 raise TimeoutError(f"{open_polls} polls without a body after {timeout}s")
             for key, _ in self.selector.select(min(left, 1.0)):
@@ -154,7 +168,46 @@ class Crowd:
                     open_polls -= 1
         return {"arrived": [p.body_at for p in self.polls],
                 "cursors": [cursor_of(p.body, p.identifier.rpartition(":")[2])
-                            for p in self.polls]}
+                            for p in self.polls], "missing": 0}
+
+    def fetch(self, identifiers: list[str], window: int, timeout: float) -> dict:
+        """Polls the server answers at once (from its history): each read to its end.
+
+        At most ``window`` in flight. Returns how many ended with a body
+        (``answered``) and each one's end, in seconds after the start.
+        """
+        self.close_all()
+        started = time.monotonic()
+        deadline = started + timeout
+        pending = list(reversed(identifiers))
+        in_flight = answered = 0
+        ended = []
+        while len(ended) < len(identifiers):
+            while pending and in_flight < window:
+                self._open(pending.pop())
+                in_flight += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{len(ended)}/{len(identifiers)} polls answered within {timeout}s")
+            for key, events in self.selector.select(min(left, 1.0)):
+                poll, now = key.data, time.monotonic()
+                if not poll.connected:
+                    self._advance_parking(poll, events, now)
+                    continue
+                chunk = poll.sock.recv(65536)
+                if chunk:
+                    poll.buf += chunk
+                    continue
+                body = _body_after_headers(poll.buf)
+                if body:
+                    json.loads(body)
+                    answered += 1
+                self.selector.unregister(poll.sock)
+                poll.sock.close()
+                poll.ended = True
+                in_flight -= 1
+                ended.append(now - started)
+        return {"answered": answered, "ended": ended}
 
     def _advance_body(self, poll: Poll, now: float) -> bool:
         """Read what arrived for ``poll``; True when the server closed it."""
@@ -185,10 +238,10 @@ class Crowd:
         self.polls = []
 
 
-def _serve(conn, port: int, headers: str) -> None:
+def _serve(conn, port: int, headers: str, source: str | None = None) -> None:
     """A client process: run the parent's commands on one Crowd until told to stop."""
     raise_fd_limit()
-    crowd = Crowd(port, headers)
+    crowd = Crowd(port, headers, source)
     try:
         while True:
             if not conn.poll(3600):
@@ -205,15 +258,22 @@ def _serve(conn, port: int, headers: str) -> None:
 
 
 class CrowdClients:
-    """The parent's handle on several client processes, each with a Crowd."""
+    """The parent's handle on several client processes, each with a Crowd.
 
-    def __init__(self, port: int, clients: int, headers: str = BROWSER_HEADERS):
+    With ``sources`` (addresses such as 127.0.0.2), client ``i`` connects
+    from ``sources[i % len(sources)]``: each source address has its own
+    ephemeral ports, so more than about 28000 polls can reach one port.
+    """
+
+    def __init__(self, port: int, clients: int, headers: str = BROWSER_HEADERS,
+                 sources: list[str] | None = None):
         context = multiprocessing.get_context("fork")
         self._conns = []
         self._procs = []
-        for _ in range(clients):
+        for index in range(clients):
             parent, child = context.Pipe()
-            proc = context.Process(target=_serve, args=(child, port, headers), daemon=True)
+            source = sources[index % len(sources)] if sources else None
+            proc = context.Process(target=_serve, args=(child, port, headers, source), daemon=True)
             proc.start()
             self._conns.append(parent)
             self._procs.append(proc)

@@ -3,6 +3,10 @@
 The benchmarks start ``python -m realplexor --config FILE`` with a small
 TOML configuration, learn the ports it bound from its log, and talk to it
 over raw sockets. Every socket operation has a timeout.
+
+For the shared store, :class:`RedisServer` runs a redis-server on a free
+port and :class:`ServerGroup` runs several realplexor processes on one
+WAIT and one IN port (``REUSE_PORT``) sharing it as their ``BACKEND``.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import collections
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -211,3 +216,237 @@ class ServerProcess:
             channel, _, count = line.partition(" ")
             counts[channel] = int(count)
         return counts
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 just now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _resp_command(*args: str | bytes | int) -> bytes:
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(f"${len(data)}\r\n".encode() + data + b"\r\n")
+    return b"".join(parts)
+
+
+class _RespReader:
+    """Reads RESP2 replies off a socket (enough for INFO, TIME, PUBSUB and friends)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = b""
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("redis-server closed the connection")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _exactly(self, size: int) -> bytes:
+        while len(self.buf) < size + 2:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("redis-server closed the connection")
+            self.buf += chunk
+        data, self.buf = self.buf[:size], self.buf[size + 2:]
+        return data
+
+    def reply(self):
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RuntimeError(f"redis-server: {rest.decode()}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            return None if int(rest) < 0 else self._exactly(int(rest))
+        if kind == b"*":
+            return None if int(rest) < 0 else [self.reply() for _ in range(int(rest))]
+        raise RuntimeError(f"unexpected reply from redis-server: {line[:80]!r}")
+
+
+class RedisServer:
+    """A redis-server on a free 127.0.0.1 port, without persistence; a context manager.
+
+    ``cpus`` pins it with taskset. :meth:`command` sends one command on a
+    fresh connection (with a timeout) and returns the decoded reply.
+    """
+
+    def __init__(self, cpus: str | None = None):
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed (Debian: apt-get install -y redis-server)")
+        self.cpus = cpus
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+        self.log_tail: collections.deque[str] = collections.deque(maxlen=50)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def __enter__(self) -> "RedisServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start on a free port and wait until it answers PING."""
+        self.port = free_port()
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "no", "--protected-mode", "no", "--maxclients", "10000"]
+        if self.cpus is not None:
+            command = ["taskset", "-c", self.cpus] + command
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT)
+        threading.Thread(target=self._drain_log, daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                if self.command("PING", timeout=1.0) == "PONG":
+                    return
+            except (OSError, RuntimeError):
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start on port {self.port}; log:\n"
+                                   + "\n".join(self.log_tail))
+            time.sleep(0.05)
+
+    def _drain_log(self) -> None:
+        for raw in self.process.stdout:
+            self.log_tail.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL after a few seconds)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def command(self, *args: str | bytes | int, timeout: float = IO_TIMEOUT):
+        """One command on a fresh connection; its reply (bulk strings as bytes)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            sock.sendall(_resp_command(*args))
+            return _RespReader(sock).reply()
+
+    def info(self, section: str) -> dict[str, str]:
+        """INFO ``section`` as a dict of its ``name:value`` lines."""
+        text = self.command("INFO", section).decode()
+        fields = {}
+        for line in text.splitlines():
+            name, sep, value = line.partition(":")
+            if sep and not name.startswith("#"):
+                fields[name] = value
+        return fields
+
+    def command_calls(self) -> dict[str, int]:
+        """Calls of each command so far (INFO commandstats), e.g. ``{"evalsha": 12, "rpush": 30}``."""
+        calls = {}
+        for name, value in self.info("commandstats").items():
+            stats = dict(item.split("=", 1) for item in value.split(","))
+            calls[name[len("cmdstat_"):]] = int(stats["calls"])
+        return calls
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system) redis-server has used so far."""
+        times = psutil.Process(self.pid).cpu_times()
+        return times.user + times.system
+
+    def rss(self) -> int:
+        return psutil.Process(self.pid).memory_info().rss
+
+
+class ServerGroup:
+    """``count`` realplexor processes on one WAIT and one IN port, with REUSE_PORT.
+
+    The first process binds free ports; the others bind the same ones, so
+    the kernel spreads new connections among them (SO_REUSEPORT). With
+    a shared ``BACKEND`` in ``options`` they serve the same channels.
+    ``cpus`` gives each process its taskset CPU list (None: not pinned).
+    Use it as a context manager: every process is stopped on exit.
+    """
+
+    def __init__(self, count: int, cpus: list[str | None] | None = None, **options):
+        if count < 1:
+            raise ValueError("a group needs at least one process")
+        self.cpus = list(cpus) if cpus is not None else [None] * count
+        if len(self.cpus) != count:
+            raise ValueError(f"{count} processes but {len(self.cpus)} CPU lists")
+        self.options = {"REUSE_PORT": count > 1, **options}
+        self.servers: list[ServerProcess] = []
+        self.wait_port = self.in_port = 0
+
+    def __enter__(self) -> "ServerGroup":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __len__(self) -> int:
+        return len(self.servers)
+
+    def start(self) -> None:
+        try:
+            first = ServerProcess(cpus=self.cpus[0], **self.options)
+            self.servers.append(first)
+            first.start()
+            self.wait_port, self.in_port = first.wait_port, first.in_port
+            for cpus in self.cpus[1:]:
+                server = ServerProcess(cpus=cpus, **{**self.options,
+                                                     "WAIT_ADDR": [f"127.0.0.1:{self.wait_port}"],
+                                                     "IN_ADDR": [f"127.0.0.1:{self.in_port}"]})
+                self.servers.append(server)
+                server.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def alive(self) -> bool:
+        return all(server.alive() for server in self.servers)
+
+    @property
+    def first(self) -> ServerProcess:
+        return self.servers[0]
+
+    def rss(self) -> list[int]:
+        """Each process's RSS in bytes."""
+        return [server.rss() for server in self.servers]
+
+    def cpu_seconds(self) -> list[float]:
+        """Each process's CPU time so far."""
+        return [server.cpu_seconds() for server in self.servers]
+
+    def descriptors(self) -> list[int]:
+        """Each process's open file descriptors."""
+        return [psutil.Process(server.pid).num_fds() for server in self.servers]
+
+    def publish(self, channel: str, data: bytes, timeout: float = IO_TIMEOUT) -> tuple[float, bytes]:
+        """Publish through the shared IN port (whichever process the kernel picks)."""
+        return self.first.publish(channel, data, timeout)
+
+    def online(self) -> dict[str, int]:
+        """ONLINE through the shared IN port."""
+        return self.first.online()

@@ -135,12 +135,14 @@ class RedisChannels(ChannelState):
                 mark = self._notices
                 parts, newest = self._store.history(asked)
                 if listener not in self._catching_up:
+                    self._let_go(cursors)
                     return     # gone meanwhile
                 for channel_id, top in newest.items():
                     self._learn(channel_id, top, mark)
                 if parts:
                     self._catching_up.discard(listener)
                     listener.deliver(render_wait_body(parts))
+                    self._let_go(cursors)
                     return
                 if all(self._known.get(channel_id, (None, 0))[1] <= mark for channel_id in cursors):
                     break     # nothing published meanwhile: registering now misses nothing
@@ -157,6 +159,12 @@ class RedisChannels(ChannelState):
         if listener in self._catching_up:
             self._catching_up.discard(listener)
             self._fanout.register(listener)
+
+    def _let_go(self, channel_ids) -> None:
+        """Channels a poll subscribed to and left without waiting here: unsubscribed in due course."""
+        for channel_id in channel_ids:
+            if not self._fanout.count(channel_id):
+                self._feed.unwant(channel_id)
 
     def _learn(self, channel_id: str, cursor: Decimal, number: int) -> None:
         known = self._known.get(channel_id)

@@ -18,16 +18,20 @@ there (``KEY_PREFIX`` ``rpl:``):
 
 Each change is one Lua script, so it is atomic. Calls block the calling
 greenlet (never the event loop: the connection uses gevent's sockets)
-and raise :class:`StoreDown` when Redis cannot be reached.
+and raise :class:`StoreDown` when Redis cannot be reached. At most
+MAX_CONNECTIONS calls of a process are in flight; more greenlets wait
+for a turn (redis-py's pool would refuse them a connection).
 """
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Sequence
 from urllib.parse import urlsplit
 
+import gevent.lock
 import gevent.socket
 import redis
 import redis.connection
@@ -43,6 +47,8 @@ redis.connection.socket = gevent.socket
 
 KEY_PREFIX = "rpl:"
 SOCKET_TIMEOUT = 5.0
+# Connections a process opens for commands, at most (the feed has its own).
+MAX_CONNECTIONS = 50
 _SEP = b"\x00"
 
 # Lua: whether cursor text a is greater than b, as exact decimals.
@@ -199,7 +205,7 @@ def connect(url: str) -> redis.Redis:
     if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"BACKEND {url!r}: use redis://host:port/db")
     return redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
-                                health_check_interval=30)
+                                health_check_interval=30, max_connections=MAX_CONNECTIONS)
 
 
 class RedisStore:
@@ -212,13 +218,26 @@ class RedisStore:
         self._publish = client.register_script(_PUBLISH)
         self._occupy = client.register_script(_OCCUPY)
         self._expire = client.register_script(_EXPIRE)
+        # One turn per connection of the pool: a greenlet beyond them waits here.
+        self._turns = gevent.lock.BoundedSemaphore(client.connection_pool.max_connections)
 
     def _key(self, name: str) -> str:
         return KEY_PREFIX + name
 
+    @contextmanager
+    def _calling(self):
+        """A turn on the pool (waiting while every connection is busy); Redis's errors as StoreDown."""
+        if not self._turns.acquire(timeout=SOCKET_TIMEOUT):
+            raise StoreDown(f"shared store busy: no free connection within {SOCKET_TIMEOUT:g} s")
+        try:
+            with _down_as_store_down():
+                yield
+        finally:
+            self._turns.release()
+
     def check(self) -> None:
         """StoreDown unless Redis answers; makes a fresh cluster's positions start at FIRST_POSITION."""
-        with _down_as_store_down():
+        with self._calling():
             self.client.ping()
             self.client.set(self._key("pos"), FIRST_POSITION, nx=True)
 
@@ -237,7 +256,7 @@ class RedisStore:
             seen.add(channel_id)
             ids.append(channel_id)
             args += [channel_id, text or ""]
-        with _down_as_store_down():
+        with self._calling():
             cursors = self._publish(keys=[self._key("clock"), self._key("seq")], args=args)
         placed = []
         for channel_id, raw in zip(ids, cursors):
@@ -251,7 +270,7 @@ class RedisStore:
         A None cursor means "from now": nothing of that channel is replayed.
         """
         ids = list(cursors)
-        with _down_as_store_down():
+        with self._calling():
             pipe = self.client.pipeline(transaction=False)
             for channel_id in ids:
                 pipe.lrange(self._key("q:" + channel_id), 0, -1)
@@ -312,7 +331,7 @@ class RedisStore:
 
     def occupy(self, changes: Sequence[str], counts: dict[str, int]) -> None:
         """Report this process's ``+id``/``-id`` occupancy changes and its listener counts."""
-        with _down_as_store_down():
+        with self._calling():
             pipe = self.client.pipeline(transaction=False)
             alive = self.settings.process_timeout
             pipe.set(self._key("alive:" + self.process_id), 1, px=int(alive * 1000))
@@ -334,19 +353,19 @@ class RedisStore:
 
     def expire(self) -> None:
         """Take dead processes' listeners away and end due offline countdowns (any process may)."""
-        with _down_as_store_down():
+        with self._calling():
             self._expire(keys=[self._key(k) for k in ("n", "on", "leaving", "pos", "events", "procs")],
                          args=[KEY_PREFIX, self.settings.event_log_len, self.settings.offline_timeout])
 
     def leave(self) -> None:
         """This process stops: its listeners count no more (its channels start their countdowns)."""
-        with _down_as_store_down():
+        with self._calling():
             self.client.delete(self._key("alive:" + self.process_id))
         self.expire()
 
     def online(self, prefixes: Sequence[str]) -> list[tuple[str, int]]:
         """Online channels of the cluster under ``prefixes`` (all without), with listener counts."""
-        with _down_as_store_down():
+        with self._calling():
             ids = sorted(channel_id.decode() for channel_id in self.client.smembers(self._key("on")))
             if prefixes:
                 ids = [channel_id for channel_id in ids if channel_id.startswith(tuple(prefixes))]
@@ -362,7 +381,7 @@ class RedisStore:
 
     def watch(self, after: int, prefixes: Sequence[str]) -> list[tuple[str, int, str]]:
         """The cluster's transitions after ``after``: each id once, its latest, oldest first."""
-        with _down_as_store_down():
+        with self._calling():
             events = self.client.lrange(self._key("events"), 0, -1)
         latest: dict[str, tuple[str, int]] = {}
         for raw in events:
@@ -374,13 +393,13 @@ class RedisStore:
 
     def position(self) -> int:
         """The cluster's newest event position."""
-        with _down_as_store_down():
+        with self._calling():
             value = self.client.get(self._key("pos"))
         return int(value or FIRST_POSITION)
 
     def stats_lines(self) -> list[str]:
         """A few counts of the cluster, for STATS."""
-        with _down_as_store_down():
+        with self._calling():
             pipe = self.client.pipeline(transaction=False)
             pipe.scard(self._key("procs"))
             pipe.scard(self._key("on"))
