@@ -42,6 +42,8 @@ PRESENCE_BATCH_SECONDS = 0.05
 # A poll's catching up reads the queues again if a publish to its
 # channels came meanwhile, at most this many times.
 CATCH_UP_ROUNDS = 3
+# A poll whose history could not be read tries again after this long.
+HISTORY_RETRY_SECONDS = 1.0
 _ZERO = Decimal(0)
 
 
@@ -55,6 +57,7 @@ class RedisChannels(ChannelState):
         self._store = RedisStore(connect(url), settings, self.process_id)
         self._fanout = FanOut(self._occupied, self._vacated)
         self._feed = Feed(connect(url), self.process_id, self._heard, self._lost, self._back, self._released)
+        self._feed.keep_for = max(settings.offline_timeout, 1.0)
         # channel id -> (newest cursor heard, number of the notice that told it),
         # for channels whose notices reach this process
         self._known: dict[str, tuple[Decimal, int]] = {}
@@ -150,15 +153,22 @@ class RedisChannels(ChannelState):
                 if cursor is None:
                     cursors[channel_id] = newest.get(channel_id, _ZERO)
         except StoreDown as exc:
-            # The poll waits all the same; when the store is back it catches up again.
-            log.info("a poll waits without its history: %s", exc)
-            now = self._local_clock.now()
-            for channel_id, cursor in asked.items():
-                if cursor is None:
-                    cursors[channel_id] = now
+            # The poll keeps waiting, and reads again in a while: what it
+            # missed is still queued, with whatever comes meanwhile. (Heard
+            # alone, a new message would pass over the ones it missed.)
+            log.info("a poll waits without its history, reading it again in %g s: %s",
+                     HISTORY_RETRY_SECONDS, exc)
+            cursors.update(asked)
+            gevent.spawn_later(HISTORY_RETRY_SECONDS, self._catch_up_again, listener)
+            return
         if listener in self._catching_up:
             self._catching_up.discard(listener)
             self._fanout.register(listener)
+
+    def _catch_up_again(self, listener: Listener) -> None:
+        """Read the history of a poll still waiting for it (unless it left meanwhile)."""
+        if listener in self._catching_up:
+            self._catch_up(listener)
 
     def _let_go(self, channel_ids) -> None:
         """Channels a poll subscribed to and left without waiting here: unsubscribed in due course."""
@@ -288,6 +298,7 @@ class RedisChannels(ChannelState):
 
     def reconfigure(self, settings: Settings) -> None:
         self._store.settings = settings
+        self._feed.keep_for = max(settings.offline_timeout, 1.0)
 
     # -- introspection ---------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ subscribed to the channels that have listeners here (and only those, so
 adding a process does not multiply anyone's traffic), plus the
 process's own control channel, which keeps the connection subscribed.
 A channel whose last listener left stays subscribed for
-``UNSUBSCRIBE_AFTER`` seconds, so a broadcast's re-polls do not churn.
+``keep_for`` seconds (the state passes OFFLINE_TIMEOUT, and at least
+a second), so a broadcast's re-polls do not churn.
 
 A publish to several channels sends one notice per channel, one after
 another (the publish is one script); the feed hands over the notices of
@@ -31,7 +32,6 @@ from .store import StoreDown
 
 log = logging.getLogger("realplexor.redis")
 
-UNSUBSCRIBE_AFTER = 30.0
 # How long a publish's later notices are waited for, once one has come.
 GATHER_SECONDS = 0.02
 RETRY_FIRST, RETRY_MAX = 0.2, 10.0
@@ -59,6 +59,8 @@ class Feed:
         self._pubsub = None
         self._greenlets: list[gevent.Greenlet] = []
         self._heard: Queue = Queue()
+        #: Seconds a subscription outlives the channel's last listener here.
+        self.keep_for = 30.0
         self._subscribing = False
         self.connected = Event()
 
@@ -88,9 +90,9 @@ class Feed:
             gevent.spawn(self._subscribe_wanted)
 
     def unwant(self, channel_id: str) -> None:
-        """This channel has no listener here now: let it go after UNSUBSCRIBE_AFTER."""
+        """This channel has no listener here now: let it go after ``keep_for`` seconds."""
         if channel_id in self._wanted:
-            self._leaving[channel_id] = time.monotonic() + UNSUBSCRIBE_AFTER
+            self._leaving[channel_id] = time.monotonic() + self.keep_for
 
     def confirmed(self, channel_ids: Iterable[str]) -> bool:
         """Whether every one of these channels' notices reaches this process now."""
@@ -175,9 +177,19 @@ class Feed:
                 self._hand_over(gathered)
                 gathered = []
             gathered.append(notice)
-            if notice.index == notice.count - 1:
+            if self._heard_all(gathered):
                 self._hand_over(gathered)
                 gathered = []
+
+    def _heard_all(self, gathered: list[Notice]) -> bool:
+        """Whether no more notices of this publish can come to this process."""
+        last = gathered[-1]
+        if last.index == last.count - 1:
+            return True
+        if not last.channels:
+            return False     # a wide publish: wait a moment for the rest
+        # The publish's channels after this one: is any of them subscribed here?
+        return not any(channel_id in self._wanted for channel_id in last.channels[last.index + 1:])
 
     def _hand_over(self, notices: list[Notice]) -> None:
         try:
@@ -196,7 +208,7 @@ class Feed:
             self._to_subscribe |= channels     # the reader notices the break and resubscribes all
 
     def _sweep(self) -> None:
-        """Unsubscribe, now and then, from channels unwanted for UNSUBSCRIBE_AFTER."""
+        """Unsubscribe, now and then, from channels unwanted for ``keep_for`` seconds."""
         while True:
             gevent.sleep(1.0)
             now = time.monotonic()

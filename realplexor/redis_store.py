@@ -118,15 +118,25 @@ for i = 0, n - 1 do
   if redis.call('EXISTS', dropped) == 1 then redis.call('PEXPIRE', dropped, math.floor(clean_after * 2000)) end
   placed[#placed + 1] = cursor
 end
+-- A small publish names all its channels in each notice, so that a process
+-- knows at once when it has heard every one of them it listens to.
+local all = ''
+if n <= %(NAMED)d then
+  local ids = {}
+  for i = 0, n - 1 do ids[#ids + 1] = ARGV[6 + 2 * i] end
+  all = table.concat(ids, ',')
+end
 for i = 0, n - 1 do
   local id = ARGV[6 + 2 * i]
   redis.call('PUBLISH', prefix .. 'c:' .. id, placed[i + 1] .. '\\0' .. seq .. '\\0' .. i .. '/' .. n
-             .. '\\0' .. limiters .. '\\0' .. data)
+             .. '\\0' .. all .. '\\0' .. limiters .. '\\0' .. data)
 end
 return placed
 """
 
-_PUBLISH = _PUBLISH.replace("%(NEWER)s", _NEWER)
+# Publishes to at most this many channels name them all in every notice.
+NAMED_CHANNELS = 32
+_PUBLISH = _PUBLISH.replace("%(NEWER)s", _NEWER).replace("%(NAMED)d", str(NAMED_CHANNELS))
 
 _OCCUPY = """
 -- KEYS: n, on, leaving, pos, events, occ:{pid}; ARGV: event_log_len, offline_timeout, then +id / -id
@@ -196,6 +206,7 @@ class Notice:
     number: int          # the publish's number: one message, several channels
     index: int           # this channel's place among the publish's channels
     count: int           # how many channels the publish reached
+    channels: tuple[str, ...]   # all of them, for a publish to at most NAMED_CHANNELS; else ()
     limiters: frozenset[str]
     data: bytes
 
@@ -414,10 +425,11 @@ class RedisStore:
 
 def parse_notice(channel: bytes, payload: bytes) -> Notice:
     """A pub/sub message of the publish script as a Notice."""
-    text, number, share, limiters, data = payload.split(_SEP, 4)
+    text, number, share, channels, limiters, data = payload.split(_SEP, 5)
     index, count = share.split(b"/")
     return Notice(channel.decode()[len(KEY_PREFIX) + 2:], Decimal(text.decode()), text.decode(),
                   int(number), int(index), int(count),
+                  tuple(channels.decode().split(",")) if channels else (),
                   frozenset(limiters.decode().split(",")) if limiters else frozenset(), data)
 
 

@@ -207,6 +207,7 @@ def test_standalone_processes_share_their_ports_with_reuse_port(server_factory, 
         for poll in polls:
             poll.close()
 
+
 def test_a_burst_of_polls_reading_history_gets_it_all(server_factory, redis_server, cid):
     import redis
 
@@ -227,7 +228,8 @@ def test_a_burst_of_polls_reading_history_gets_it_all(server_factory, redis_serv
     polls = [server.poll(f"identifier=0:{channel}") for channel in channels]
     for poll in polls:
         poll.headers_arrived()
-    time.sleep(2)
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.ping()                              # answered once the pause is over
     for batch in batches:
         server.publish(batch, '"new"')
     missed = [channel for channel, poll in zip(channels, polls) if "old" not in datas(poll)]
@@ -240,46 +242,26 @@ def test_a_poll_answered_from_history_leaves_no_subscription_behind(server_facto
     server = server_factory(BACKEND=redis_server.url, **SHARED)
     server.publish(f"{cid}a", '"old"')
     assert datas(server.poll(f"identifier=0:{cid}a")) == ["old"]
-    # Like a channel whose last listener left: let go after UNSUBSCRIBE_AFTER (30 s).
+    # Like a channel whose last listener left: let go after OFFLINE_TIMEOUT (1 s here).
     with redis.Redis.from_url(redis_server.url) as client:
-        server.wait_until(lambda: not client.pubsub_channels(f"rpl:c:{cid}*"), timeout=40, interval=1)
+        server.wait_until(lambda: not client.pubsub_channels(f"rpl:c:{cid}*"), timeout=10, interval=0.2)
 
 
-@pytest.mark.xfail(strict=True, reason="a poll whose read of the queues fails while the feed stays connected "
-                                       "waits from its old cursor without the history, and never gets it")
 def test_a_poll_whose_history_read_timed_out_gets_it_once_redis_answers(server_factory, redis_server, cid):
     import redis
 
-    server = server_factory(BACKEND=redis_server.url, **SHARED)
+    # Commands give up after a second (the URL's socket_timeout).
+    server = server_factory(BACKEND=redis_server.url + "?socket_timeout=1", **SHARED)
     heard = server.listen(f"{cid}a")
     server.wait_until(lambda: server.online(cid) == {f"{cid}a": 1})
     server.publish(f"{cid}a", '"old"')
     assert datas(heard) == ["old"]
-    # Redis holds every command longer than the store's socket timeout (5 s).
+    # Redis holds every command longer than the store's socket timeout.
     with redis.Redis.from_url(redis_server.url) as client:
-        client.client_pause(6500, all=True)
-    poll = server.poll(f"identifier=0:{cid}a")
-    poll.headers_arrived()
-    time.sleep(7)
+        client.client_pause(1500, all=True)
+        poll = server.poll(f"identifier=0:{cid}a")
+        poll.headers_arrived()
+        client.ping()                              # answered once the pause is over
+    server.output.wait_for("a poll waits without its history")
     server.wait_until(lambda: server.in_http(f"{cid}a", '"new"').status == 200, timeout=20)
     assert datas(poll)[0] == "old"
-
-
-@pytest.mark.xfail(strict=True, reason="a process that hears some of a publish's channels but not the last one "
-                                       "waits GATHER_SECONDS (20 ms) for notices that never come")
-def test_a_publish_to_several_channels_is_not_held_back_where_only_the_first_is_heard(server_factory, redis_server,
-                                                                                      cid):
-    server = server_factory(BACKEND=redis_server.url, **SHARED)
-    took = {}
-    for target in (f"{cid}a", f"{cid}a,{cid}b"):
-        times = []
-        for n in range(5):
-            poll = server.listen(f"{cid}a")
-            time.sleep(0.1)
-            started = time.monotonic()
-            server.publish(target, json.dumps(n))
-            assert datas(poll) == [n]
-            times.append(time.monotonic() - started)
-        took[target] = sorted(times)[2]
-    # Published alone, "a" arrives in about a millisecond; with "b" after it, never within 20 ms.
-    assert took[f"{cid}a,{cid}b"] < 0.015, took
