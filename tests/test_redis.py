@@ -143,8 +143,12 @@ def test_redis_down_is_a_503_polls_wait_and_all_recovers(server_factory, cid):
         refused = one.in_http(f"{cid}a", '"lost?"')
         assert refused.status == 503 and "shared store unreachable" in refused.text
         assert not poll.has_ended(0.5)
+        # A load balancer asking /ready hears it, and /health still says the process serves.
+        one.wait_until(lambda: one.in_raw(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.0 503"))
+        assert one.in_raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.0 200")
         redis.start()
         two.output.wait_for("reachable again", timeout=20)
+        one.wait_until(lambda: one.in_raw(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.0 200"))
 
         def delivered():
             response = one.in_http(f"{cid}a", '"after"')
