@@ -269,3 +269,23 @@ def test_a_poll_whose_history_read_timed_out_gets_it_once_redis_answers(server_f
     server.output.wait_for("a poll waits without its history")
     server.wait_until(lambda: server.in_http(f"{cid}a", '"new"').status == 200, timeout=20)
     assert datas(poll)[0] == "old"
+
+
+def test_an_event_stream_on_one_process_hears_the_other_and_resumes_on_it(server_factory, redis_server, cid):
+    from test_streams import Stream
+
+    one, two = (server_factory(BACKEND=redis_server.url, STREAM_TRANSPORTS=["eventsource"], **SHARED)
+                for _ in range(2))
+    stream = Stream(two.wait_port, f"{cid}a")
+    assert stream.headers()[":status"] == 200
+    one.wait_until(lambda: one.online(cid) == {f"{cid}a": 1})
+    one.publish(f"{cid}a", '"first"')
+    event_id, part = stream.event()
+    assert part["data"] == "first"
+    stream.close()
+    one.publish(f"{cid}a", '"while away"')
+    again = Stream(one.wait_port, f"{cid}a", headers=f"Last-Event-ID: {event_id}\r\n")
+    try:
+        assert again.event()[1]["data"] == "while away"
+    finally:
+        again.close()
