@@ -69,7 +69,7 @@ class Config:
     PROCESS_TIMEOUT: float = 10
     REUSE_PORT: bool = False
     METRICS: bool = True
-    STREAM_TRANSPORTS: tuple[str, ...] = ("eventsource",)
+    STREAM_TRANSPORTS: tuple[str, ...] = ("eventsource", "websocket")
     STREAM_PING_INTERVAL: float = 20
     STREAM_MAX_BACKLOG: int = 1 << 20
 
@@ -92,7 +92,7 @@ RESTART_ONLY = frozenset({"WAIT_ADDR", "IN_ADDR", "SU_USER", "MAX_MEM_MB", "WAIT
                           "REUSE_PORT", "METRICS"})
 SHARED_BACKENDS = ("redis://", "rediss://", "unix://")
 WAIT_ENGINES = ("wsgi", "lean")
-STREAM_TRANSPORT_NAMES = ("eventsource",)
+STREAM_TRANSPORT_NAMES = ("eventsource", "websocket")
 # Lists that may be empty (no transport at all).
 _MAY_BE_EMPTY = frozenset({"STREAM_TRANSPORTS"})
 

@@ -113,11 +113,20 @@ class EventStream:
         self._received = 0
         self._reader = None
         self._writer = None
+        # Channels subscribed on the open stream (a WebSocket's), to tell of cuts.
+        self._added: dict[str, Decimal | None] = {}
+        self._restart = False
         #: None while open; then why it closed.
         self.closed: str | None = None
 
     def wake(self) -> None:
         """Make the stream's greenlet look at its state."""
+        self._wake.set()
+
+    def resubscribe(self, added: dict[str, Decimal | None]) -> None:
+        """The listened channels changed: the round starts again (``added``: new ones, to tell of cuts)."""
+        self._added.update(added)
+        self._restart = True
         self._wake.set()
 
     def close(self, why: str) -> None:
@@ -136,8 +145,19 @@ class EventStream:
         current: _Round | None = None
         try:
             self._write(head)
-            self._tell_cuts()
+            self._tell_cuts(self._cursors)
             while self.closed is None:
+                if self._restart:
+                    self._restart = False
+                    if current is not None:
+                        self._state.unlisten(current)
+                        current = None
+                    added, self._added = self._added, {}
+                    self._tell_cuts(added)
+                if current is None and not self._cursors:
+                    self._wake.wait(self._patience())    # nothing to listen to yet
+                    self._wake.clear()
+                    continue
                 if current is None:
                     current = _Round(dict(self._cursors), self)
                     body = self._state.listen(current)
@@ -161,9 +181,9 @@ class EventStream:
 
     # -- events ----------------------------------------------------------------------
 
-    def _tell_cuts(self) -> None:
+    def _tell_cuts(self, cursors: dict[str, Decimal | None]) -> None:
         """History cuts before anything else: the client learns what it missed."""
-        cuts = cuts_or_none(self._state, self._cursors)
+        cuts = cuts_or_none(self._state, cursors) if cursors else []
         if cuts:
             self._take(render_cuts(cuts), None)
 
@@ -179,12 +199,19 @@ class EventStream:
             for channel_id, text in ids.items():
                 if channel_id in self._cursors:
                     self._cursors[channel_id], self._texts[channel_id] = Decimal(text), text
-            events.append(b"id: %s\ndata: %s\n\n" % (self._event_id(), line))
+            events.append(self._frame(line))
         data = b"".join(events)
         if self._backlog and len(self._backlog) + len(data) > self._config.STREAM_MAX_BACKLOG:
             self.close(f"more than STREAM_MAX_BACKLOG ({self._config.STREAM_MAX_BACKLOG} bytes) not taken")
             return
         self._write(data)
+
+    def _frame(self, line: bytes) -> bytes:
+        """One part as it goes out: an event whose id is every cursor after it."""
+        return b"id: %s\ndata: %s\n\n" % (self._event_id(), line)
+
+    def _keep_alive(self) -> bytes:
+        return _KEEP_ALIVE
 
     def _event_id(self) -> bytes:
         return ",".join(f"{text}:{channel_id}" for channel_id, text in self._texts.items()
@@ -193,7 +220,7 @@ class EventStream:
     def _idle(self) -> None:
         """Nothing came within the patience: a keep-alive comment, or the backlog's deadline."""
         if not self._backlog:
-            self._write(_KEEP_ALIVE)
+            self._write(self._keep_alive())
         elif time.monotonic() - self._taken_at >= self._config.WRITE_TIMEOUT:
             self.close(f"nothing taken within WRITE_TIMEOUT ({self._config.WRITE_TIMEOUT:g} s)")
 
@@ -240,6 +267,9 @@ class EventStream:
             self._reader.stop()
             self.close("client gone")
             return
+        self._received_bytes(data)
+
+    def _received_bytes(self, data: bytes) -> None:
         self._received += len(data)
         if self._received > MAX_STREAM_INPUT:
             self._reader.stop()

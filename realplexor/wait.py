@@ -15,6 +15,7 @@ from .config import Config
 from .metrics import Refusals
 from .pages import Page
 from .protocol import Identifier, ProtocolError, asks_reset, parse_resume, parse_wait_request
+from .websocket import check_key, handshake_head
 
 FIRST_BYTES = b" \r\n"
 NO_CACHE = (("Cache-Control", "no-store, no-cache, must-revalidate"),
@@ -50,6 +51,8 @@ class Subscription:
     identifier: Identifier
     stream: bool = False
     resume: dict = field(default_factory=dict)
+    #: A WebSocket handshake's Sec-WebSocket-Key (the stream is then a WebSocket).
+    websocket_key: str | None = None
 
     def cursors(self) -> tuple[dict[str, Decimal | None], dict[str, str | None]]:
         """Each listened channel's cursor and its text (None: from now)."""
@@ -87,6 +90,8 @@ class WaitLine:
             if method not in ("GET", "POST", "HEAD"):
                 # The method is not echoed: whatever a client sends stays out of the page.
                 raise ProtocolError(405, "method not allowed: use GET or POST")
+            if method == "GET" and (header("upgrade") or "").lower() == "websocket":
+                return self._websocket(target, header, cors)
             request = self._parse(method, target, header, read_body)
             if request.page is None and len(request.identifier.items) > self.config.WAIT_MAX_IDS:
                 raise ProtocolError(413, f"{len(request.identifier.items)} ids in one poll; at most "
@@ -119,8 +124,28 @@ class WaitLine:
             return self.refused(error, cors)
         return Subscription(identifier, stream=True, resume=resume)
 
-    def stream_head(self, origin: str | None) -> bytes:
-        """The status line and headers of an event stream (its body ends when the connection does)."""
+    def _websocket(self, target: str, header: Header, cors) -> Reply | Subscription:
+        """A WebSocket handshake: the Subscription to serve, or why not."""
+        if "websocket" not in self.config.STREAM_TRANSPORTS:
+            raise ProtocolError(406, "WebSockets are not served here: long-poll instead")
+        if header("origin") is not None and not cors:
+            raise ProtocolError(403, f"origin {header('origin')!r} is not allowed")
+        if header("sec-websocket-version") != "13":
+            raise ProtocolError(400, "WebSocket version 13 only (Sec-WebSocket-Version: 13)")
+        key = check_key(header("sec-websocket-key"))
+        # The identifier is optional: the client may subscribe on the open socket.
+        identifier = Identifier()
+        if f"{self.config.IDENTIFIER}=" in target:
+            identifier = self._parse("GET", target, header, lambda limit: b"").identifier
+            if len(identifier.items) > self.config.WAIT_MAX_IDS:
+                raise ProtocolError(413, f"{len(identifier.items)} ids at once; at most "
+                                         f"WAIT_MAX_IDS ({self.config.WAIT_MAX_IDS})")
+        return Subscription(identifier or Identifier(), stream=True, websocket_key=key)
+
+    def stream_head(self, origin: str | None, subscription: Subscription | None = None) -> bytes:
+        """The status line and headers of a stream (its body ends when the connection does)."""
+        if subscription is not None and subscription.websocket_key is not None:
+            return handshake_head(subscription.websocket_key, self.cors_headers(origin))
         return render_head(_STATUS[200], (
             ("Content-Type", f"{EVENT_STREAM}; charset=utf-8"), *NO_CACHE,
             # nginx would otherwise hold the events back in its buffer.

@@ -33,6 +33,7 @@ from .deadlines import Deadlines
 from .eventloop import READ, Acceptor, Sweeper, close_connection, lend, linger, sendall_within, take_back
 from .protocol import ProtocolError
 from .streams import EventStream, cuts_or_none, render_cuts
+from .websocket import open_stream
 from .wait import FIRST_BYTES, Reply, Subscription, WaitLine, error_reply, render_head, render_reply, wants_keep_alive
 
 log = logging.getLogger("realplexor.wait")
@@ -49,7 +50,8 @@ _LAST_CHUNK = b"0\r\n\r\n"
 _EMPTY_CHUNKED = b"3\r\n \r\n\r\n" + _LAST_CHUNK
 # The only request headers the WAIT line looks at.
 _WANTED_HEADERS = frozenset({b"origin", b"connection", b"content-length", b"if-modified-since",
-                             b"access-control-request-headers", b"accept", b"last-event-id"})
+                             b"access-control-request-headers", b"accept", b"last-event-id",
+                             b"upgrade", b"sec-websocket-key", b"sec-websocket-version"})
 # Headers in which a "close" makes llhttp refuse any further request.
 _CLOSING_HEADERS = frozenset({b"connection", b"proxy-connection"})
 # What happens to a connection once its answer is out.
@@ -357,10 +359,9 @@ class LeanWaitServer:
         """Hand the connection to a greenlet that serves it as an event stream."""
         sock, conn.sock = conn.sock, None
         self._close(conn)
-        cursors, texts = subscription.cursors()
-        stream = EventStream(sock, self.state, self.line.config, cursors, texts)
+        stream = open_stream(subscription, sock, self.state, self.line.config)
         self._streams.add(stream)
-        gevent.spawn(self._serve_stream, stream, sock, self.line.stream_head(origin))
+        gevent.spawn(self._serve_stream, stream, sock, self.line.stream_head(origin, subscription))
 
     def _serve_stream(self, stream: EventStream, sock: socket.socket, head: bytes) -> None:
         try:

@@ -24,6 +24,7 @@ from .clientlog import bad_request, escape, peer
 from .eventloop import ACCEPT_PAUSE, Starvation, linger, out_of_files, peer_closed
 from .protocol import ProtocolError
 from .streams import EventStream, cuts_or_none, render_cuts
+from .websocket import open_stream
 from .wait import FIRST_BYTES, ReadBody, Reply, Subscription, WaitLine, error_reply, render_reply, wants_keep_alive
 
 StartResponse = Callable[..., object]
@@ -125,11 +126,10 @@ class WaitApp:
             start_response(reply.status, list(reply.headers))
             return [reply.body]
         environ["realplexor.taken_over"] = True
-        cursors, texts = subscription.cursors()
-        stream = EventStream(getattr(sock, "_sock", sock), self.state, self.line.config, cursors, texts)
+        stream = open_stream(subscription, getattr(sock, "_sock", sock), self.state, self.line.config)
         self.streams.add(stream)
         try:
-            stream.run(self.line.stream_head(environ.get("HTTP_ORIGIN")))
+            stream.run(self.line.stream_head(environ.get("HTTP_ORIGIN"), subscription))
         finally:
             self.streams.discard(stream)
         return []
