@@ -12,22 +12,26 @@ import errno
 import re
 import socket
 from decimal import Decimal
+from functools import partial
+from urllib.parse import unquote
 from typing import Callable, Iterable, Iterator
 
 import gevent
 from gevent.event import Event
 from gevent.hub import get_hub
-from gevent.pywsgi import WSGIHandler, WSGIServer
+from gevent.pywsgi import Input, WSGIHandler, WSGIServer
 
 from .channels import ChannelState
 from .clientlog import bad_request, escape, peer
 from .eventloop import ACCEPT_PAUSE, Starvation, linger, out_of_files, peer_closed
 from .protocol import ProtocolError
+from .wsgi_head import MAX_HEAD_BYTES, BadHead, read_head
 from .wait import FIRST_BYTES, ReadBody, Reply, WaitLine, error_reply, render_reply, wants_keep_alive
 
 StartResponse = Callable[..., object]
 _CLOSE = (("Connection", "close"),)
 _READ = 1
+_unquote_latin1 = partial(unquote, encoding="latin-1")
 _READ_SIZE = 8192
 # Bytes a client may send while its poll waits (a request sent too
 # early); more, and the poll is ended and the connection refused.
@@ -98,36 +102,68 @@ class WaitApp:
         start_response("200 OK", list(headers))
         if body is not None:
             return [FIRST_BYTES + body]
-        # The whole response, last chunk included, leaves in one write.
-        environ["realplexor.one_write"] = keep_alive
-        return self._long_poll(listener, _client_socket(environ), "realplexor.socket" in environ, keep_alive)
+        return LongPoll(self, listener, _client_socket(environ), "realplexor.socket" in environ, keep_alive)
 
-    def _long_poll(self, listener: WaitListener, sock: socket.socket | None, ours: bool,
-                   keep_alive: bool) -> Iterator[bytes]:
-        watcher = _watch_for_hangup(sock, self.state, listener) if sock is not None else None
+
+class LongPoll:
+    """A parked poll's answer, as the WSGI application returns it.
+
+    Any WSGI server iterates it: a raw client of the old server gets the
+    first bytes at once and the body later; a kept-alive poll gets
+    everything in one piece, with its headers. :class:`LongPollHandler`
+    calls :meth:`wait` itself instead, with no generator between it and
+    the wait (a parked poll keeps less). ``close`` ends the poll however
+    it went; WSGI servers call it.
+    """
+
+    __slots__ = ("state", "seconds", "listener", "sock", "ours", "keep_alive", "watcher", "closed")
+
+    def __init__(self, app: WaitApp, listener: WaitListener, sock: socket.socket | None, ours: bool,
+                 keep_alive: bool):
+        self.state = app.state
+        self.seconds = app.line.config.WAIT_TIMEOUT
+        self.listener = listener
+        self.sock = sock
+        self.ours = ours
+        self.keep_alive = keep_alive
+        self.watcher = _watch_for_hangup(sock, app.state, listener) if sock is not None else None
+        self.closed = False
+
+    def wait(self) -> bytes | None:
+        """The body, once published; None after WAIT_TIMEOUT or if the client left."""
+        listener = self.listener
+        if listener.event.wait(self.seconds):
+            return listener.body
+        return None
+
+    def __iter__(self) -> Iterator[bytes]:
         try:
-            if not keep_alive:
-                # A raw client of the old server reads the headers at once; a
-                # kept-alive poll gets them with its answer, in one write.
+            if not self.keep_alive:
                 yield FIRST_BYTES
-            if not listener.event.wait(self.line.config.WAIT_TIMEOUT):
-                self.state.unlisten(listener)
-                if keep_alive:
-                    yield FIRST_BYTES
-            elif listener.body is not None:
-                yield FIRST_BYTES + listener.body if keep_alive else listener.body
-            elif keep_alive:
-                yield FIRST_BYTES
+            body = self.wait()
         finally:
-            if watcher is not None:
-                watcher.stop()
-            if listener.body is None:
-                self.state.unlisten(listener)
-            if listener.early is not None and sock is not None and not ours:
-                # Under another server (gunicorn), the bytes read while
-                # waiting are gone from its reader: let it see the end.
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RD)
+            self.close()
+        if self.keep_alive:
+            yield FIRST_BYTES if body is None else FIRST_BYTES + body
+        elif body is not None:
+            yield body
+
+    def close(self) -> None:
+        """Stop waiting (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        listener = self.listener
+        if listener.body is None:
+            self.state.unlisten(listener)
+        if listener.early is not None and self.sock is not None and not self.ours:
+            # Under another server (gunicorn), the bytes read while
+            # waiting are gone from its reader: let it see the end.
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RD)
 
 
 def _body_reader(environ: dict) -> ReadBody:
@@ -204,8 +240,13 @@ def _watch_for_hangup(sock: socket.socket, state: ChannelState, listener: WaitLi
 class LongPollHandler(WSGIHandler):
     """pywsgi's handler, tuned for connections that mostly wait.
 
+    - the request line and headers are parsed by httptools
+      (:mod:`realplexor.wsgi_head`), not by ``http.client`` and ``email``,
+      and the environ holds only the headers the WAIT line reads;
     - a 1 KB read buffer instead of 8 KB: a parked poll keeps its reader;
-    - the status line, headers and first body bytes leave in one send;
+    - a poll's answer is awaited here, not through a generator, and leaves
+      in one send with its headers (a poll without keep-alive: the headers
+      and first bytes at once, the body later);
     - a response that closes the connection is close-delimited, not
       chunked, as raw clients of the old server read to end of file;
     - the client socket is in the environ, to notice a client that leaves;
@@ -241,7 +282,7 @@ class LongPollHandler(WSGIHandler):
         timer = self._request_timer = gevent.Timeout(config.WAIT_REQUEST_TIMEOUT, _RequestTimedOut)
         timer.start()
         try:
-            result = super().handle_one_request()
+            result = self._serve_one(config.WAIT_MAXLEN + MAX_HEAD_BYTES)
         except _RequestTimedOut:
             with contextlib.suppress(OSError):
                 self._send_by_deadline(render_reply(error_reply(ProtocolError(
@@ -259,7 +300,7 @@ class LongPollHandler(WSGIHandler):
                     linger(self.socket)
             return None
         if isinstance(result, tuple):
-            # A request pywsgi cannot read: answer it here, then close gently.
+            # A request that cannot be read: answer it here, then close gently.
             self.status, body = result
             with contextlib.suppress(OSError):
                 self.socket.sendall(body)
@@ -271,9 +312,61 @@ class LongPollHandler(WSGIHandler):
             linger(self.socket)
         return result
 
+    def _serve_one(self, limit: int):
+        """pywsgi's handle_one_request, reading the head with httptools (same results)."""
+        if self.rfile.closed:
+            return None
+        try:
+            if not self._read_head(limit):
+                return None
+        except BadHead as error:
+            if error.status == 400:
+                bad_request("WAIT %s: 400 %s: %s", peer(self.client_address), error.reason, escape(error.data))
+            return str(error.status), render_reply(error_reply(error))
+        except OSError:
+            return None     # gone while sending its request
+        self.response_length = 0
+        self.application = self.server.application
+        self.handle_one_response()
+        if self.close_connection or self.rfile.closed:
+            return None
+        return True
+
+    def _read_head(self, limit: int) -> bool:
+        """Read the next request's head and make its environ; False if the client left first."""
+        head = read_head(self.rfile, limit)
+        if head is None:
+            return False
+        target = head.target.decode("latin-1")
+        self.command = head.method
+        self.path = target
+        self.request_version = version = "HTTP/" + head.version
+        self.requestline = f"{head.method} {target} {version}"
+        self.close_connection = not head.keep_alive
+        headers = head.headers
+        length = headers.get("CONTENT_LENGTH")
+        self.content_length = int(length) if length else None
+        path, _, query = target.partition("?")
+        environ = self.server.get_environ()
+        environ["REQUEST_METHOD"] = head.method
+        environ["SCRIPT_NAME"] = ""
+        environ["PATH_INFO"] = _unquote_latin1(path)
+        environ["QUERY_STRING"] = query
+        environ["SERVER_PROTOCOL"] = version
+        if isinstance(self.client_address, tuple):
+            environ["REMOTE_ADDR"] = str(self.client_address[0])
+        environ.update(headers)
+        chunked = headers.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
+        self.wsgi_input = environ["wsgi.input"] = Input(self.rfile, self.content_length, chunked_input=chunked)
+        environ["wsgi.input_terminated"] = True
+        environ["realplexor.socket"] = self.socket
+        environ["realplexor.request_read"] = self._request_timer.close
+        self.environ = environ
+        return True
+
     def _handle_client_error(self, ex: Exception):
-        # pywsgi's hook for a request it cannot parse (it ignores the answer
-        # for a chunked body found malformed after the reply began).
+        # pywsgi's hook for a request body it finds malformed after the
+        # reply began (it ignores the answer).
         if isinstance(ex, (ConnectionError, TimeoutError)):
             return None
         what, message = _client_error(ex, getattr(self, "requestline", ""))
@@ -289,18 +382,21 @@ class LongPollHandler(WSGIHandler):
                 return False
         return False
 
-    def get_environ(self) -> dict:
-        environ = super().get_environ()
-        environ["realplexor.socket"] = self.socket
-        environ["realplexor.request_read"] = self._request_timer.close
-        return environ
-
     def finalize_headers(self) -> None:
         super().finalize_headers()
         if self.close_connection and self.response_use_chunked:
             self.response_use_chunked = False
             self.response_headers = [(k, v) for k, v in self.response_headers
                                      if k.lower() != b"transfer-encoding"]
+
+    def _head(self) -> bytes:
+        """The status line and headers of the response begun by start_response."""
+        self.headers_sent = True
+        self.finalize_headers()
+        lines = [b"HTTP/1.1 " + self.status]
+        lines += [name + b": " + value for name, value in self.response_headers]
+        lines.append(b"\r\n")
+        return b"\r\n".join(lines)
 
     def _write_with_headers(self, data: bytes) -> None:
         if self._held is not None:      # the whole response is being held
@@ -315,17 +411,30 @@ class LongPollHandler(WSGIHandler):
                 self._send_by_deadline(bytes(held))
 
     def process_result(self) -> None:
-        if not self.environ.get("realplexor.one_write"):
-            super().process_result()
+        poll = self.result
+        if type(poll) is not LongPoll:
+            # A complete answer: headers and body in one write.
+            self._held = bytearray()
+            try:
+                super().process_result()
+            finally:
+                held, self._held = self._held, None
+                if held:
+                    self._send_by_deadline(bytes(held))
+            return
+        if not poll.keep_alive:
+            # A raw client of the old server reads the headers at once.
+            self._send_by_deadline(self._head() + FIRST_BYTES)
+            body = poll.wait()
+            poll.close()
+            if body is not None:
+                self._send_by_deadline(body)
             return
         # A kept-alive poll's answer: headers, body and last chunk in one write.
-        self._held = bytearray()
-        try:
-            super().process_result()
-        finally:
-            held, self._held = self._held, None
-            if held:
-                self._send_by_deadline(bytes(held))
+        body = poll.wait()
+        poll.close()
+        data = FIRST_BYTES if body is None else FIRST_BYTES + body
+        self._send_by_deadline(self._head() + b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
 
     def _sendall(self, data: bytes) -> None:
         if self._held is not None:
@@ -337,9 +446,10 @@ class LongPollHandler(WSGIHandler):
         # However slowly the client reads, an answer must be taken by
         # WRITE_TIMEOUT; pywsgi takes EPIPE as a client gone, quietly.
         seconds = self.server.application.line.config.WRITE_TIMEOUT
+        self.response_length += len(data)
         try:
             with gevent.Timeout(seconds, _AnswerNotTaken):
-                super()._sendall(data)
+                self.socket.sendall(data)
         except _AnswerNotTaken:
             raise OSError(errno.EPIPE, f"answer not taken within WRITE_TIMEOUT ({seconds:g} s)") from None
 
