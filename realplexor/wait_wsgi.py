@@ -11,6 +11,7 @@ import contextlib
 import errno
 import re
 import socket
+import time
 from decimal import Decimal
 from functools import partial
 from urllib.parse import unquote
@@ -19,12 +20,13 @@ from typing import Callable, Iterable, Iterator
 import gevent
 from gevent.event import Event
 from gevent.hub import get_hub
-from gevent.pywsgi import Input, WSGIHandler, WSGIServer
+from gevent.pywsgi import Input, WSGIHandler, WSGIServer, _NoopLog, format_date_time
 
 from .channels import ChannelState
 from .clientlog import bad_request, escape, peer
 from .eventloop import ACCEPT_PAUSE, Starvation, linger, out_of_files, peer_closed
 from .protocol import ProtocolError
+from .wsgi_deadlines import AnswerNotTaken, ConnectionDeadlines, IdleTooLong, RequestTimedOut
 from .wsgi_head import MAX_HEAD_BYTES, BadHead, read_head
 from .wait import FIRST_BYTES, ReadBody, Reply, WaitLine, error_reply, render_reply, wants_keep_alive
 
@@ -38,18 +40,6 @@ _READ_SIZE = 8192
 MAX_PARKED_INPUT = 4096
 _SENT_EARLY = render_reply(error_reply(ProtocolError(
     400, "a request sent before the previous poll's answer is not served: send it after the answer")))
-
-
-class _RequestTimedOut(BaseException):
-    """Raised in a handler's greenlet: the request did not arrive whole in time.
-
-    A BaseException, so that pywsgi's handling of broken requests does
-    not take it for one.
-    """
-
-
-class _AnswerNotTaken(BaseException):
-    """Raised in a handler's greenlet: the client did not take an answer in time."""
 
 
 class WaitListener:
@@ -76,6 +66,8 @@ class WaitApp:
     def __init__(self, line: WaitLine, state: ChannelState):
         self.line = line
         self.state = state
+        # The deadlines of LongPollHandler's connections (other servers keep their own).
+        self.deadlines = ConnectionDeadlines()
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         target = environ.get("PATH_INFO", "")
@@ -136,6 +128,23 @@ class LongPoll:
             return listener.body
         return None
 
+    def wait_by(self, deadlines: ConnectionDeadlines) -> bytes | None:
+        """:meth:`wait`, with WAIT_TIMEOUT kept by ``deadlines`` (no timer of its own)."""
+        listener = self.listener
+        deadlines.polls.set(self, time.monotonic() + self.seconds)
+        try:
+            listener.event.wait()
+        finally:
+            deadlines.polls.cancel(self)
+        return listener.body
+
+    def expire(self) -> None:
+        """WAIT_TIMEOUT is over: the poll ends with nothing."""
+        listener = self.listener
+        if listener.body is None:
+            self.state.unlisten(listener)
+            listener.event.set()
+
     def __iter__(self) -> Iterator[bytes]:
         try:
             if not self.keep_alive:
@@ -177,7 +186,7 @@ def _body_reader(environ: dict) -> ReadBody:
     def read_body(limit: int) -> bytes:
         try:
             return read(limit)
-        except _RequestTimedOut:
+        except RequestTimedOut:
             raise ProtocolError(408, "no complete request within WAIT_REQUEST_TIMEOUT") from None
         except OSError:
             if environ.get("CONTENT_LENGTH"):
@@ -213,28 +222,28 @@ def _watch_for_hangup(sock: socket.socket, state: ChannelState, listener: WaitLi
         watcher = get_hub().loop.io(raw.fileno(), _READ)
     except (OSError, ValueError):
         return None
-
-    def readable() -> None:
-        # Whatever the client sends is read, so that its leaving is
-        # noticed at once however many bytes came before it.
-        try:
-            data = raw.recv(_READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            listener.early = data if listener.early is None else listener.early + data
-            if len(listener.early) <= MAX_PARKED_INPUT:
-                return
-        # Gone, or too much sent: the poll ends with nothing.
-        watcher.stop()
-        if listener.body is None:
-            state.unlisten(listener)
-            listener.event.set()
-
-    watcher.start(readable)
+    watcher.start(_read_while_parked, raw, state, listener, watcher)
     return watcher
+
+
+def _read_while_parked(raw, state: ChannelState, listener: WaitListener, watcher) -> None:
+    # Whatever the client sends is read, so that its leaving is
+    # noticed at once however many bytes came before it.
+    try:
+        data = raw.recv(_READ_SIZE)
+    except BlockingIOError:
+        return
+    except OSError:
+        data = b""
+    if data:
+        listener.early = data if listener.early is None else listener.early + data
+        if len(listener.early) <= MAX_PARKED_INPUT:
+            return
+    # Gone, or too much sent: the poll ends with nothing.
+    watcher.stop()
+    if listener.body is None:
+        state.unlisten(listener)
+        listener.event.set()
 
 
 class LongPollHandler(WSGIHandler):
@@ -249,6 +258,10 @@ class LongPollHandler(WSGIHandler):
       and first bytes at once, the body later);
     - a response that closes the connection is close-delimited, not
       chunked, as raw clients of the old server read to end of file;
+    - deadlines (the request's, WAIT_TIMEOUT, the answer's, the next
+      request's) are swept (:mod:`realplexor.wsgi_deadlines`), not a
+      ``gevent.Timeout`` each;
+    - no access-log line is formatted when none is written;
     - the client socket is in the environ, to notice a client that leaves;
     - a request it cannot read is the client's mistake: a 400 with the
       reason, answered before the connection lingers, and an INFO line
@@ -257,16 +270,20 @@ class LongPollHandler(WSGIHandler):
     """
 
     READ_BUFFER = 1024
-    _held: bytearray | None = None
-    _served = False
-    _request_timer: gevent.Timeout | None = None
+    # Rendered status lines and headers of polls, by what start_response was given.
+    _heads: dict[tuple, bytes] = {}
 
     def __init__(self, sock, address, server):  # pylint: disable=super-init-not-called
-        # pywsgi's own __init__ would allocate the 8 KB reader we avoid.
+        # pywsgi's own __init__ would allocate an 8 KB reader for good.
+        self._served = False
+        self._poll: LongPoll | None = None
+        self._reading = None    # the request deadline's section, while the request is read
+        self._held: bytearray | None = None
         self.socket = sock
         self.client_address = address
         self.server = server
         self.rfile = sock.makefile("rb", self.READ_BUFFER)
+        self.deadlines = server.application.deadlines
         # The body follows the headers in a second write: without this it
         # may wait 40 ms for the client's delayed ACK.
         with contextlib.suppress(OSError):   # not a TCP socket (a UNIX one)
@@ -274,25 +291,26 @@ class LongPollHandler(WSGIHandler):
 
     def handle_one_request(self):
         config = self.server.application.line.config
+        self.deadlines.start()
         if self._served and not self._next_request_begins(config.WAIT_KEEPALIVE_TIMEOUT):
             return None     # idle for the keep-alive timeout, or gone
         self._served = True
+        self._poll = None
         # The request line, headers and body must all arrive by this deadline;
         # the application ends it once it has read them (realplexor.request_read).
-        timer = self._request_timer = gevent.Timeout(config.WAIT_REQUEST_TIMEOUT, _RequestTimedOut)
-        timer.start()
+        self._reading = self.deadlines.request.enter(config.WAIT_REQUEST_TIMEOUT)
         try:
             result = self._serve_one(config.WAIT_MAXLEN + MAX_HEAD_BYTES)
-        except _RequestTimedOut:
+        except RequestTimedOut:
             with contextlib.suppress(OSError):
                 self._send_by_deadline(render_reply(error_reply(ProtocolError(
                     408, f"no complete request within WAIT_REQUEST_TIMEOUT "
                          f"({config.WAIT_REQUEST_TIMEOUT:g} s)"))))
             return None
         finally:
-            timer.close()
-        listener = (getattr(self, "environ", None) or {}).get("realplexor.listener")
-        if listener is not None and listener.early is not None:
+            self._request_read()
+        poll = self._poll
+        if poll is not None and poll.listener.early is not None:
             # Bytes came while the poll waited: refuse them, then close.
             if result is True:
                 with contextlib.suppress(OSError):
@@ -311,6 +329,12 @@ class LongPollHandler(WSGIHandler):
             # lose the answer it has not read yet.
             linger(self.socket)
         return result
+
+    def _request_read(self) -> None:
+        """The request is in: its deadline no longer holds."""
+        reading, self._reading = self._reading, None
+        if reading is not None:
+            self.deadlines.request.leave(reading)
 
     def _serve_one(self, limit: int):
         """pywsgi's handle_one_request, reading the head with httptools (same results)."""
@@ -360,7 +384,7 @@ class LongPollHandler(WSGIHandler):
         self.wsgi_input = environ["wsgi.input"] = Input(self.rfile, self.content_length, chunked_input=chunked)
         environ["wsgi.input_terminated"] = True
         environ["realplexor.socket"] = self.socket
-        environ["realplexor.request_read"] = self._request_timer.close
+        environ["realplexor.request_read"] = self._request_read
         self.environ = environ
         return True
 
@@ -375,12 +399,18 @@ class LongPollHandler(WSGIHandler):
 
     def _next_request_begins(self, patience: float) -> bool:
         """Wait up to ``patience`` s for a kept-alive connection's next request."""
-        with gevent.Timeout(patience, False):
-            try:
-                return bool(self.rfile.peek(1))
-            except (OSError, ValueError):
-                return False
-        return False
+        idle = self.deadlines.idle
+        waiting = idle.enter(patience)
+        try:
+            return bool(self.rfile.peek(1))
+        except (OSError, ValueError, IdleTooLong):
+            return False
+        finally:
+            idle.leave(waiting)
+
+    def log_request(self) -> None:
+        if self.server.log.__class__ is not _NoopLog:
+            super().log_request()
 
     def finalize_headers(self) -> None:
         super().finalize_headers()
@@ -389,14 +419,18 @@ class LongPollHandler(WSGIHandler):
             self.response_headers = [(k, v) for k, v in self.response_headers
                                      if k.lower() != b"transfer-encoding"]
 
-    def _head(self) -> bytes:
-        """The status line and headers of the response begun by start_response."""
-        self.headers_sent = True
-        self.finalize_headers()
-        lines = [b"HTTP/1.1 " + self.status]
-        lines += [name + b": " + value for name, value in self.response_headers]
-        lines.append(b"\r\n")
-        return b"\r\n".join(lines)
+    def _poll_head(self, keep_alive: bool) -> bytes:
+        """A poll's status line and headers, up to its Date (cached: polls share a few)."""
+        key = (self.status, tuple(self.response_headers), keep_alive)
+        head = self._heads.get(key)
+        if head is None:
+            lines = [b"HTTP/1.1 " + self.status]
+            lines += [name + b": " + value for name, value in self.response_headers]
+            head = b"\r\n".join(lines) + b"\r\n"
+            if len(self._heads) > 64:   # many distinct origins: do not grow without end
+                self._heads.clear()
+            self._heads[key] = head
+        return head
 
     def _write_with_headers(self, data: bytes) -> None:
         if self._held is not None:      # the whole response is being held
@@ -422,19 +456,25 @@ class LongPollHandler(WSGIHandler):
                 if held:
                     self._send_by_deadline(bytes(held))
             return
-        if not poll.keep_alive:
-            # A raw client of the old server reads the headers at once.
-            self._send_by_deadline(self._head() + FIRST_BYTES)
-            body = poll.wait()
+        self._poll = poll
+        self.headers_sent = True
+        keep_alive = poll.keep_alive
+        head = self._poll_head(keep_alive)
+        try:
+            if not keep_alive:
+                # A raw client of the old server reads the headers at once.
+                self._send_by_deadline(head + _date_line() + b"\r\n" + FIRST_BYTES)
+                body = poll.wait_by(self.deadlines)
+                if body is not None:
+                    self._send_by_deadline(body)
+                return
+            # A kept-alive poll's answer: headers, body and last chunk in one write.
+            body = poll.wait_by(self.deadlines)
+            data = FIRST_BYTES if body is None else FIRST_BYTES + body
+            self._send_by_deadline(head + _date_line() + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                                   % (len(data), data))
+        finally:
             poll.close()
-            if body is not None:
-                self._send_by_deadline(body)
-            return
-        # A kept-alive poll's answer: headers, body and last chunk in one write.
-        body = poll.wait()
-        poll.close()
-        data = FIRST_BYTES if body is None else FIRST_BYTES + body
-        self._send_by_deadline(self._head() + b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
 
     def _sendall(self, data: bytes) -> None:
         if self._held is not None:
@@ -445,13 +485,35 @@ class LongPollHandler(WSGIHandler):
     def _send_by_deadline(self, data: bytes) -> None:
         # However slowly the client reads, an answer must be taken by
         # WRITE_TIMEOUT; pywsgi takes EPIPE as a client gone, quietly.
-        seconds = self.server.application.line.config.WRITE_TIMEOUT
         self.response_length += len(data)
+        sock = self.socket
+        raw = getattr(sock, "_sock", None)
+        if raw is not None:
+            # Nearly always the kernel takes it all at once: no deadline to keep.
+            try:
+                sent = raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        seconds = self.server.application.line.config.WRITE_TIMEOUT
+        write = self.deadlines.write
+        sending = write.enter(seconds)
         try:
-            with gevent.Timeout(seconds, _AnswerNotTaken):
-                self.socket.sendall(data)
-        except _AnswerNotTaken:
+            sock.sendall(data)
+        except AnswerNotTaken:
             raise OSError(errno.EPIPE, f"answer not taken within WRITE_TIMEOUT ({seconds:g} s)") from None
+        finally:
+            write.leave(sending)
+
+
+def _date_line(_cache=[0, b""]) -> bytes:  # noqa: B006 - one cache for the process
+    """``Date: ...`` and its line end, made once a second."""
+    now = int(time.time())
+    if _cache[0] != now:
+        _cache[0], _cache[1] = now, b"Date: " + format_date_time(now) + b"\r\n"
+    return _cache[1]
 
 
 class WaitServer(WSGIServer):
@@ -464,6 +526,10 @@ class WaitServer(WSGIServer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._starvation: Starvation | None = None
+
+    def stop(self, timeout=None):
+        super().stop(timeout)
+        self.application.deadlines.stop()
 
     def do_read(self):
         try:
