@@ -27,7 +27,7 @@ from .clientlog import bad_request, escape, peer
 from .eventloop import ACCEPT_PAUSE, Starvation, linger, out_of_files, peer_closed
 from .protocol import ProtocolError
 from .wsgi_deadlines import AnswerNotTaken, ConnectionDeadlines, IdleTooLong, RequestTimedOut
-from .wsgi_head import MAX_HEAD_BYTES, BadHead, read_head
+from .wsgi_head import MAX_HEAD_BYTES, BadHead, SocketReader, read_head
 from .wait import FIRST_BYTES, ReadBody, Reply, WaitLine, error_reply, render_reply, wants_keep_alive
 
 StartResponse = Callable[..., object]
@@ -246,13 +246,23 @@ def _read_while_parked(raw, state: ChannelState, listener: WaitListener, watcher
         listener.event.set()
 
 
+# What pywsgi's handler sets on itself per request, with its class defaults.
+_PYWSGI_ATTRIBUTES = ("status", "_orig_status", "response_headers", "code", "provided_date",
+                      "provided_content_length", "close_connection", "time_start", "time_finish",
+                      "headers_sent", "response_use_chunked", "connection_upgraded", "environ",
+                      "application", "requestline", "response_length", "result", "wsgi_input",
+                      "content_length", "request_version", "command", "path")
+_PYWSGI_DEFAULTS = tuple((name, getattr(WSGIHandler, name)) for name in _PYWSGI_ATTRIBUTES)
+
+
 class LongPollHandler(WSGIHandler):
     """pywsgi's handler, tuned for connections that mostly wait.
 
     - the request line and headers are parsed by httptools
       (:mod:`realplexor.wsgi_head`), not by ``http.client`` and ``email``,
       and the environ holds only the headers the WAIT line reads;
-    - a 1 KB read buffer instead of 8 KB: a parked poll keeps its reader;
+    - the connection's reader buffers only what is unread: a parked poll
+      keeps no read buffer, and neither its environ nor its headers;
     - a poll's answer is awaited here, not through a generator, and leaves
       in one send with its headers (a poll without keep-alive: the headers
       and first bytes at once, the body later);
@@ -269,12 +279,17 @@ class LongPollHandler(WSGIHandler):
     - a client that leaves while sending its request is not logged.
     """
 
-    READ_BUFFER = 1024
+    # Every attribute pywsgi and this class set, as slots: a handler's
+    # attributes outgrow a shared-key instance dict (1.5 KB per poll).
+    __slots__ = ("socket", "client_address", "server", "rfile", "deadlines", "_served", "_poll",
+                 "_reading", "_held", *_PYWSGI_ATTRIBUTES)
     # Rendered status lines and headers of polls, by what start_response was given.
     _heads: dict[tuple, bytes] = {}
 
     def __init__(self, sock, address, server):  # pylint: disable=super-init-not-called
         # pywsgi's own __init__ would allocate an 8 KB reader for good.
+        for name, default in _PYWSGI_DEFAULTS:
+            setattr(self, name, default)
         self._served = False
         self._poll: LongPoll | None = None
         self._reading = None    # the request deadline's section, while the request is read
@@ -282,7 +297,7 @@ class LongPollHandler(WSGIHandler):
         self.socket = sock
         self.client_address = address
         self.server = server
-        self.rfile = sock.makefile("rb", self.READ_BUFFER)
+        self.rfile = SocketReader(sock)
         self.deadlines = server.application.deadlines
         # The body follows the headers in a second write: without this it
         # may wait 40 ms for the client's delayed ACK.
@@ -460,6 +475,9 @@ class LongPollHandler(WSGIHandler):
         self.headers_sent = True
         keep_alive = poll.keep_alive
         head = self._poll_head(keep_alive)
+        # What a parked poll need not keep: its environ, its headers.
+        self.environ = {}
+        self.response_headers = None
         try:
             if not keep_alive:
                 # A raw client of the old server reads the headers at once.

@@ -8,7 +8,10 @@ is) and parsed by llhttp, the parser of the lean engine, so both engines
 refuse the same requests. Only the headers the WAIT line looks at are
 kept, already under their WSGI environ names.
 
-No socket here: ``read_head`` takes any buffered binary reader.
+:class:`SocketReader` is the connection's reader: it holds no buffer
+between requests, so a parked poll keeps none (a ``BufferedReader``
+keeps its whole buffer for the life of the connection). No socket is
+made here: it reads from any object with ``recv``.
 """
 from __future__ import annotations
 
@@ -29,6 +32,74 @@ _ENVIRON_NAMES = {
     b"access-control-request-headers": "HTTP_ACCESS_CONTROL_REQUEST_HEADERS",
 }
 _BLANK_LINES = (b"\r\n", b"\n")
+READ_SIZE = 4096
+
+
+class SocketReader:
+    """``peek``, ``read`` and ``readline`` over ``sock.recv``, buffering only what is unread.
+
+    What pywsgi's request body reader (``Input``) and :func:`read_head`
+    need of a file. ``buf`` is what came and was not read yet: empty,
+    and holding no memory, while a poll waits.
+    """
+
+    __slots__ = ("sock", "buf", "closed")
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.closed = False
+
+    def _fill(self) -> bool:
+        if self.closed:
+            raise ValueError("read from a closed reader")
+        data = self.sock.recv(READ_SIZE)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def peek(self, size: int = 1) -> bytes:
+        """What is buffered, after one receive if nothing is (b"" at the end)."""
+        if not self.buf:
+            self._fill()
+        return self.buf
+
+    def read(self, size: int = -1) -> bytes:
+        """``size`` bytes, fewer at the end; everything to the end if ``size`` < 0."""
+        if size is None or size < 0:
+            while self._fill():
+                pass
+            data, self.buf = self.buf, b""
+            return data
+        while len(self.buf) < size and self._fill():
+            pass
+        data, self.buf = self.buf[:size], self.buf[size:]
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        """Up to and with the next newline, at most ``size`` bytes (if >= 0)."""
+        start = 0
+        while True:
+            end = self.buf.find(b"\n", start)
+            if end >= 0:
+                end += 1
+                break
+            if 0 <= size <= len(self.buf):
+                end = size
+                break
+            start = len(self.buf)
+            if not self._fill():
+                end = len(self.buf)
+                break
+        if 0 <= size < end:
+            end = size
+        data, self.buf = self.buf[:end], self.buf[end:]
+        return data
+
+    def close(self) -> None:
+        self.closed = True
+        self.buf = b""
 
 
 class BadHead(ProtocolError):
