@@ -47,9 +47,16 @@ class WaitLine:
         self._poll_headers = (("Content-Type", f"text/javascript; charset={config.CHARSET}"), *NO_CACHE)
         self._any_origin = "*" in config.CORS_ORIGINS
         self._origins = frozenset(config.CORS_ORIGINS)
+        # The last GET target that was a poll, and its Identifier: a broadcast's
+        # polls all ask again with the same target, one after another.
+        self._last_poll: tuple[str, Identifier] | None = None
 
     def answer(self, method: str, target: str, header: Header, read_body: ReadBody) -> Reply | Identifier:
         """A Reply to send as is, or the Identifier of a long poll."""
+        last = self._last_poll
+        if last is not None and method == "GET" and last[0] == target:
+            # A GET poll's answer depends on its target alone (no header, no body).
+            return last[1]
         cors = self.cors_headers(header("origin"))
         try:
             if method == "OPTIONS":
@@ -69,6 +76,8 @@ class WaitLine:
         if method == "HEAD":
             # A poll's headers and no body: a HEAD request can never get a message.
             return Reply(_STATUS[200], (*self._poll_headers, *cors, ("Connection", "close")))
+        if method == "GET":
+            self._last_poll = (target, request.identifier)
         return request.identifier
 
     def poll_headers(self, origin: str | None) -> tuple[tuple[str, str], ...]:
