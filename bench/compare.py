@@ -16,7 +16,8 @@ Scenarios, for each kind:
              messages delivered per second.
 
 Kinds: nchan, lean, wsgi, lean-close / wsgi-close (polls without
-keep-alive), and floor: bench/floor_server.py, which makes only the
+keep-alive), gunicorn (the WAIT line under gunicorn's gevent worker,
+which parses requests with its own parser), and floor: bench/floor_server.py, which makes only the
 system calls the protocol needs, in a bare epoll loop, as a bound for
 any Python server (re-park and rate only).
 
@@ -60,6 +61,7 @@ HERE = Path(__file__).resolve().parent
 COMETLOAD = os.environ.get("COMETLOAD") or shutil.which("cometload") or "cometload"
 CLIENTS = "python"
 PROFILE: Path | None = None
+SERVER_TREE: Path | None = None
 FIRST = b" \r\n"
 
 
@@ -161,7 +163,7 @@ class Realplexor:
     def __init__(self, engine: str, keep_alive: bool = True) -> None:
         self.name = engine if keep_alive else f"{engine} (close)"
         self.keep_alive = keep_alive
-        self.server = ServerProcess(cpus=SERVER_CPU, WAIT_ENGINE=engine, WAIT_TIMEOUT=3600,
+        self.server = ServerProcess(cpus=SERVER_CPU, tree=SERVER_TREE, WAIT_ENGINE=engine, WAIT_TIMEOUT=3600,
                                     OFFLINE_TIMEOUT=3600)
         self.server.start()
         self.wait_port, self.in_port = self.server.wait_port, self.server.in_port
@@ -188,6 +190,58 @@ class Realplexor:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+class Gunicorn(Realplexor):
+    """Realplexor's WAIT line under gunicorn's gevent worker (gunicorn parses the requests).
+
+    One worker, pinned to the server CPU with its master; the worker
+    serves the IN line too. Memory and CPU are the worker's.
+    """
+
+    def __init__(self) -> None:  # pylint: disable=super-init-not-called
+        self.name = "gunicorn"
+        self.keep_alive = True
+        self._tmp = tempfile.TemporaryDirectory(prefix="gunicorn-bench-")
+        self.wait_port, self.in_port = _free_port(), _free_port()
+        config = Path(self._tmp.name) / "realplexor.toml"
+        config.write_text(f'IN_ADDR = ["127.0.0.1:{self.in_port}"]\nVERBOSITY = 1\n'
+                          "WAIT_TIMEOUT = 3600\nOFFLINE_TIMEOUT = 3600\n")
+        tree = SERVER_TREE or HERE.parent
+        env = {**os.environ, "REALPLEXOR_CONFIG": str(config),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
+        self.master = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU, sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1",
+             "-b", f"127.0.0.1:{self.wait_port}", "--backlog", "4096", "--worker-connections", "30000", "wsgi:app"],
+            cwd=tree, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(self.in_port)
+        _wait_for_port(self.wait_port)
+
+    def _worker(self) -> psutil.Process:
+        return psutil.Process(self.master.pid).children()[0]
+
+    def rss(self) -> int:
+        return self._worker().memory_info().rss
+
+    worker_rss = rss
+
+    def cpu_seconds(self) -> float:
+        return sum(self._worker().cpu_times()[:2])
+
+    def waiting(self) -> int:
+        with socket.create_connection(("127.0.0.1", self.in_port), timeout=IO_TIMEOUT) as sock:
+            sock.sendall(b"ONLINE\n\n")
+            body = read_to_eof(sock).partition(b"\r\n\r\n")[2]
+        return sum(int(line.split()[1]) for line in body.decode().splitlines())
+
+    def stop(self) -> None:
+        if self.master.poll() is None:
+            self.master.terminate()
+            try:
+                self.master.wait(10)
+            except subprocess.TimeoutExpired:
+                self.master.kill()
+        self._tmp.cleanup()
 
 
 def _send_request(port: int, request: bytes, ok: tuple[bytes, ...]) -> float:
@@ -527,6 +581,8 @@ def make_server(kind: str):
         return Nginx()
     if kind == "floor":
         return FloorServer()
+    if kind == "gunicorn":
+        return Gunicorn()
     engine, _, mode = kind.partition("-")
     return Realplexor(engine, keep_alive=mode != "close")
 
@@ -545,7 +601,8 @@ def profiled(server, name: str):
         yield
         return
     path = PROFILE / f"{name}.raw"
-    recorder = Recorder(server.server.pid, path)
+    pid = server._worker().pid if isinstance(server, Gunicorn) else server.server.pid
+    recorder = Recorder(pid, path)
     try:
         yield
     finally:
@@ -680,6 +737,7 @@ def rate(kind: str, n: int, seconds: float, publishers: int) -> dict:
             thread.start()
         with profiled(server, f"rate-{kind}"):
             delivered = sum(clients.ask("churn", seconds, timeout=seconds + 60))
+            cpu = server.cpu_seconds() - cpu
         stop.set()
         for thread in threads:
             thread.join(10)
@@ -687,7 +745,7 @@ def rate(kind: str, n: int, seconds: float, publishers: int) -> dict:
             published[0] = threads[0].ok * seconds / (seconds + 1)
         return {"kind": kind, "n": n, "delivered_per_s": delivered / seconds,
                 "published_per_s": sum(published) / seconds,
-                "server_cpu_share": (server.cpu_seconds() - cpu) / seconds}
+                "server_cpu_share": cpu / seconds}
     finally:
         if clients:
             clients.close()
@@ -711,9 +769,11 @@ def main() -> None:
                              "cometload, the C load generator (COMETLOAD=PATH or on PATH)")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="record Realplexor servers with py-spy during broadcasts and the rate run")
+    parser.add_argument("--server-tree", type=Path, default=None, metavar="PATH",
+                        help="run the realplexor package of another source tree (an older version)")
     args = parser.parse_args()
-    global CLIENTS, PROFILE  # noqa: PLW0603 - set once, before any scenario
-    CLIENTS, PROFILE = args.load, args.profile
+    global CLIENTS, PROFILE, SERVER_TREE  # noqa: PLW0603 - set once, before any scenario
+    CLIENTS, PROFILE, SERVER_TREE = args.load, args.profile, args.server_tree
     if PROFILE:
         PROFILE.mkdir(parents=True, exist_ok=True)
     raise_fd_limit()
