@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import re
 import socket
 import time
@@ -35,6 +36,8 @@ StartResponse = Callable[..., object]
 _CLOSE = (("Connection", "close"),)
 _READ = 1
 _unquote_latin1 = partial(unquote, encoding="latin-1")
+# The body of a request that has none.
+_NO_BODY = Input(io.BytesIO(b""), 0)
 _READ_SIZE = 8192
 # Bytes a client may send while its poll waits (a request sent too
 # early); more, and the poll is ended and the connection refused.
@@ -397,7 +400,11 @@ class LongPollHandler(WSGIHandler):
             environ["REMOTE_ADDR"] = str(self.client_address[0])
         environ.update(headers)
         chunked = headers.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
-        self.wsgi_input = environ["wsgi.input"] = Input(self.rfile, self.content_length, chunked_input=chunked)
+        if chunked or self.content_length:
+            self.wsgi_input = Input(self.rfile, self.content_length, chunked_input=chunked)
+        else:
+            self.wsgi_input = _NO_BODY   # reads nothing, ever: one for all
+        environ["wsgi.input"] = self.wsgi_input
         environ["wsgi.input_terminated"] = True
         environ["realplexor.socket"] = self.socket
         environ["realplexor.request_read"] = self._request_read
@@ -489,9 +496,7 @@ class LongPollHandler(WSGIHandler):
                 return
             # A kept-alive poll's answer: headers, body and last chunk in one write.
             body = poll.wait_by(self.deadlines)
-            data = FIRST_BYTES if body is None else FIRST_BYTES + body
-            self._send_by_deadline(head + _date_line() + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
-                                   % (len(data), data))
+            self._send_by_deadline(head + _date_line() + b"Transfer-Encoding: chunked\r\n\r\n", _framed(body))
         finally:
             poll.close()
 
@@ -501,21 +506,25 @@ class LongPollHandler(WSGIHandler):
         else:
             self._send_by_deadline(data)
 
-    def _send_by_deadline(self, data: bytes) -> None:
+    def _send_by_deadline(self, data: bytes, more: bytes = b"") -> None:
         # However slowly the client reads, an answer must be taken by
         # WRITE_TIMEOUT; pywsgi takes EPIPE as a client gone, quietly.
-        self.response_length += len(data)
+        # ``more`` follows ``data`` in the same system call, neither copied.
+        size = len(data) + len(more)
+        self.response_length += size
         sock = self.socket
         raw = getattr(sock, "_sock", None)
         if raw is not None:
             # Nearly always the kernel takes it all at once: no deadline to keep.
             try:
-                sent = raw.send(data)
+                sent = raw.sendmsg((data, more)) if more else raw.send(data)
             except BlockingIOError:
                 sent = 0
-            if sent == len(data):
+            if sent == size:
                 return
-            data = data[sent:]
+            data = (data + more)[sent:]
+        elif more:
+            data += more
         seconds = self.server.application.line.config.WRITE_TIMEOUT
         write = self.deadlines.write
         sending = write.enter(seconds)
@@ -525,6 +534,22 @@ class LongPollHandler(WSGIHandler):
             raise OSError(errno.EPIPE, f"answer not taken within WRITE_TIMEOUT ({seconds:g} s)") from None
         finally:
             write.leave(sending)
+
+
+def _framed(body: bytes | None, _last=[None, b""]) -> bytes:  # noqa: B006 - one cache for the process
+    """A kept-alive poll's body as one chunk and the last chunk.
+
+    Every listener of a publish gets the same body object: it is framed once.
+    """
+    if body is None:
+        return _EMPTY_CHUNKED
+    if _last[0] is not body:
+        data = FIRST_BYTES + body
+        _last[0], _last[1] = body, b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+    return _last[1]
+
+
+_EMPTY_CHUNKED = b"%x\r\n%s\r\n0\r\n\r\n" % (len(FIRST_BYTES), FIRST_BYTES)
 
 
 def _date_line(_cache=[0, b""]) -> bytes:  # noqa: B006 - one cache for the process
