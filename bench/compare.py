@@ -732,10 +732,10 @@ def rate(kind: str, n: int, seconds: float, publishers: int) -> dict:
             threads = [_CometPublisher(kind, server, n, seconds + 1, publishers)]
         else:
             threads = [threading.Thread(target=publish_loop, args=(i,), daemon=True) for i in range(publishers)]
-        cpu = server.cpu_seconds()
         for thread in threads:
             thread.start()
         with profiled(server, f"rate-{kind}"):
+            cpu = server.cpu_seconds()
             delivered = sum(clients.ask("churn", seconds, timeout=seconds + 60))
             cpu = server.cpu_seconds() - cpu
         stop.set()
