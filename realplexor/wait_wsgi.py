@@ -15,22 +15,21 @@ import socket
 import time
 from decimal import Decimal
 from functools import partial
-from urllib.parse import unquote
 from typing import Callable, Iterable, Iterator
+from urllib.parse import unquote
 
-import gevent
 from gevent.event import Event
-from greenlet import greenlet
 from gevent.hub import get_hub
 from gevent.pywsgi import Input, WSGIHandler, WSGIServer, _NoopLog, format_date_time
+from greenlet import greenlet
 
 from .channels import ChannelState
 from .clientlog import bad_request, escape, peer
 from .eventloop import ACCEPT_PAUSE, Starvation, linger, out_of_files, peer_closed
 from .protocol import ProtocolError
+from .wait import FIRST_BYTES, ReadBody, Reply, WaitLine, error_reply, render_reply, wants_keep_alive
 from .wsgi_deadlines import AnswerNotTaken, ConnectionDeadlines, IdleTooLong, RequestTimedOut
 from .wsgi_head import MAX_HEAD_BYTES, BadHead, SocketReader, read_head
-from .wait import FIRST_BYTES, ReadBody, Reply, WaitLine, error_reply, render_reply, wants_keep_alive
 
 StartResponse = Callable[..., object]
 _CLOSE = (("Connection", "close"),)
