@@ -18,7 +18,8 @@ from .inline import InLine, InServer
 from .pages import load_pages
 from .wait import WaitLine
 from .wait_lean import LeanWaitServer
-from .wait_wsgi import LongPollHandler, WaitApp, WaitServer
+from .wait_wsgi import WaitApp
+from .wsgi_server import LongPollHandler, WaitServer
 
 log = logging.getLogger("realplexor")
 

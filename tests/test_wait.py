@@ -548,7 +548,8 @@ def test_wsgi_handler_sends_headers_and_first_bytes_in_one_send(tmp_path):
     from realplexor.config import validate
     from realplexor.pages import load_pages
     from realplexor.wait import WaitLine
-    from realplexor.wait_wsgi import LongPollHandler, WaitApp
+    from realplexor.wait_wsgi import WaitApp
+    from realplexor.wsgi_server import LongPollHandler
 
     class CountingRaw:
         """The standard socket under a gevent one; the handler may send through it directly."""
