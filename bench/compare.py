@@ -16,7 +16,8 @@ Scenarios, for each kind:
              messages delivered per second.
 
 Kinds: nchan, lean, wsgi, lean-close / wsgi-close (polls without
-keep-alive), and floor: bench/floor_server.py, which makes only the
+keep-alive), gunicorn (the WAIT line under gunicorn's gevent worker,
+which parses requests with its own parser), and floor: bench/floor_server.py, which makes only the
 system calls the protocol needs, in a bare epoll loop, as a bound for
 any Python server (re-park and rate only).
 
@@ -27,10 +28,16 @@ Realplexor's own switches: --no-metrics runs it with METRICS = false;
 --scrape S has a thread GET /metrics every S seconds while it serves, as
 Prometheus would; --publish-via json publishes with POST /publish (the
 JSON API) instead of the old protocol's POST /.
+    python compare.py --load c ...        # cometload, the C load generator, as clients
+    python compare.py --profile DIR ...   # py-spy of Realplexor in broadcasts and the rate run
+
+A kept-alive Realplexor poll gets its headers with its answer, as nchan's
+does: the server's own count says when polls wait, for every kind.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -38,6 +45,7 @@ import selectors
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -47,12 +55,18 @@ from pathlib import Path
 
 import psutil
 
+from pyspy_top import Recorder, summary
 from server_process import ServerProcess, raise_fd_limit, read_to_eof
 
 SERVER_CPU, LOAD_CPU = "0", 1
 PER_CLIENT = 4800
 IO_TIMEOUT = 30.0
 HERE = Path(__file__).resolve().parent
+# cometload, the C load generator (--load c): its path, or found on PATH.
+COMETLOAD = os.environ.get("COMETLOAD") or shutil.which("cometload") or "cometload"
+CLIENTS = "python"
+PROFILE: Path | None = None
+SERVER_TREE: Path | None = None
 FIRST = b" \r\n"
 
 
@@ -161,7 +175,7 @@ class Realplexor:
         self.keep_alive = keep_alive
         self.json_publish = options.get("publish_via") == "json"
         extra = {} if options.get("metrics", True) else {"METRICS": False}
-        self.server = ServerProcess(cpus=SERVER_CPU, WAIT_ENGINE=engine, WAIT_TIMEOUT=3600,
+        self.server = ServerProcess(cpus=SERVER_CPU, tree=SERVER_TREE, WAIT_ENGINE=engine, WAIT_TIMEOUT=3600,
                                     OFFLINE_TIMEOUT=3600, **extra)
         self.server.start()
         self.wait_port, self.in_port = self.server.wait_port, self.server.in_port
@@ -204,6 +218,58 @@ class Realplexor:
     def stop(self) -> None:
         self._scraping.set()
         self.server.stop()
+
+
+class Gunicorn(Realplexor):
+    """Realplexor's WAIT line under gunicorn's gevent worker (gunicorn parses the requests).
+
+    One worker, pinned to the server CPU with its master; the worker
+    serves the IN line too. Memory and CPU are the worker's.
+    """
+
+    def __init__(self) -> None:  # pylint: disable=super-init-not-called
+        self.name = "gunicorn"
+        self.keep_alive = True
+        self._tmp = tempfile.TemporaryDirectory(prefix="gunicorn-bench-")
+        self.wait_port, self.in_port = _free_port(), _free_port()
+        config = Path(self._tmp.name) / "realplexor.toml"
+        config.write_text(f'IN_ADDR = ["127.0.0.1:{self.in_port}"]\nVERBOSITY = 1\n'
+                          "WAIT_TIMEOUT = 3600\nOFFLINE_TIMEOUT = 3600\n")
+        tree = SERVER_TREE or HERE.parent
+        env = {**os.environ, "REALPLEXOR_CONFIG": str(config),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
+        self.master = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU, sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1",
+             "-b", f"127.0.0.1:{self.wait_port}", "--backlog", "4096", "--worker-connections", "30000", "wsgi:app"],
+            cwd=tree, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(self.in_port)
+        _wait_for_port(self.wait_port)
+
+    def _worker(self) -> psutil.Process:
+        return psutil.Process(self.master.pid).children()[0]
+
+    def rss(self) -> int:
+        return self._worker().memory_info().rss
+
+    worker_rss = rss
+
+    def cpu_seconds(self) -> float:
+        return sum(self._worker().cpu_times()[:2])
+
+    def waiting(self) -> int:
+        with socket.create_connection(("127.0.0.1", self.in_port), timeout=IO_TIMEOUT) as sock:
+            sock.sendall(b"ONLINE\n\n")
+            body = read_to_eof(sock).partition(b"\r\n\r\n")[2]
+        return sum(int(line.split()[1]) for line in body.decode().splitlines())
+
+    def stop(self) -> None:
+        if self.master.poll() is None:
+            self.master.terminate()
+            try:
+                self.master.wait(10)
+            except subprocess.TimeoutExpired:
+                self.master.kill()
+        self._tmp.cleanup()
 
 
 def _send_request(port: int, request: bytes, ok: tuple[bytes, ...]) -> float:
@@ -303,6 +369,90 @@ class Clients:
             process.join(5)
             if process.is_alive():
                 process.kill()
+
+
+class CometClients:
+    """The same crowd of kept-alive polls held by cometload, the C load generator.
+
+    Python clients take about as long to read a broadcast as the fastest
+    servers take to write it; cometload does not. It re-polls as soon as
+    it has a message, as browsers do, so ``repoll`` is what it does anyway
+    and the scenarios time the whole cycle. Bodies carry ``m`` (the round)
+    and ``t`` (the publish time, CLOCK_MONOTONIC like ``time.monotonic``);
+    cometload records each delivery's latency from ``t``.
+    """
+
+    def __init__(self, kind: str, port: int, channels: list[str], keep_alive: bool):
+        self._records = tempfile.NamedTemporaryFile(prefix="cometload-", suffix=".bin", delete=False)
+        self._read = 0
+        self._t: dict[int, float] = {}
+        n = len(channels)
+        command = ["taskset", "-c", str(LOAD_CPU), COMETLOAD, "sub", "--proto", "nchan" if kind == "nchan" else "rpl",
+                   "--port", str(port), "--conns", str(n), "--records", self._records.name, "--max-time", "3600"]
+        if kind == "nchan":
+            command += ["--path", "/sub/"]
+        if len(set(channels)) == 1:
+            command += ["--shared", channels[0], "--no-own"]
+        else:
+            command += ["--prefix", channels[0].rstrip("0123456789")]
+        if keep_alive:
+            command.append("--keepalive")
+        self.n_expected = n
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True, bufsize=1)
+
+    def status(self, command: str = "s") -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def published(self, round_: int, t: float) -> None:
+        """Round ``round_``'s body was published with ``t`` in it."""
+        self._t[round_] = t
+
+    def ask(self, command: str, *args, timeout: float = 120.0) -> list:
+        if command == "open":
+            return [0]
+        if command == "bodies":
+            return [self._bodies(args[0])]
+        if command == "churn":
+            seconds = args[0]
+            before = self.status()["msgs"]
+            time.sleep(seconds)
+            return [self.status()["msgs"] - before]
+        raise ValueError(command)
+
+    def tell(self, command: str, *args) -> None:
+        """``repoll``: cometload re-polls by itself."""
+
+    def answers(self, command: str, timeout: float = 120.0) -> list:
+        return [0]
+
+    def _bodies(self, timeout: float) -> list[float]:
+        """Delivery times (``time.monotonic``) of the last round's bodies, once all are in."""
+        round_ = max(self._t)
+        deadline = time.monotonic() + timeout
+        while True:
+            self.status("w")
+            with open(self._records.name, "rb") as fh:
+                fh.seek(self._read)
+                data = fh.read()
+            got = [(index, msg, latency) for index, msg, latency in struct.iter_unpack("<IIq", data[:len(data) // 16 * 16])]
+            mine = [latency for _, msg, latency in got if msg == round_]
+            if len(mine) >= self.n_expected:
+                self._read += len(data) // 16 * 16
+                return [self._t[round_] + latency / 1e9 for latency in mine]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(mine)} bodies of round {round_}")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        try:
+            self.process.stdin.close()
+            self.process.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+        Path(self._records.name).unlink(missing_ok=True)
 
 
 def _client_main(pipe, kind: str, port: int, channels: list[str], keep_alive: bool,
@@ -425,7 +575,9 @@ class _Crowd:
         return self.await_parked(timeout)
 
     def await_parked(self, timeout: float) -> int:
-        if self.kind != "nchan":
+        # A kept-alive poll (nchan's, or Realplexor's) gets its headers with
+        # its answer: the server's own count says when it waits.
+        if self.kind != "nchan" and not self.keep_alive:
             self._pump(lambda: all(c.parked_at for c in self.conns), timeout)
         return len(self.conns)
 
@@ -469,8 +621,33 @@ def make_server(kind: str):
         return Nginx()
     if kind == "floor":
         return FloorServer()
+    if kind == "gunicorn":
+        return Gunicorn()
     engine, _, mode = kind.partition("-")
     return Realplexor(engine, keep_alive=mode != "close", options=REALPLEXOR_OPTIONS)
+
+
+def make_clients(kind: str, port: int, channels: list[str], keep_alive: bool):
+    """The polls' clients: Python processes, or cometload (``--load c``)."""
+    if CLIENTS == "c":
+        return CometClients(kind, port, channels, keep_alive)
+    return Clients(kind, port, channels, keep_alive)
+
+
+@contextlib.contextmanager
+def profiled(server, name: str):
+    """py-spy records a Realplexor server into PROFILE/name.raw (with ``--profile``)."""
+    if PROFILE is None or not isinstance(server, Realplexor):
+        yield
+        return
+    path = PROFILE / f"{name}.raw"
+    pid = server._worker().pid if isinstance(server, Gunicorn) else server.server.pid
+    recorder = Recorder(pid, path)
+    try:
+        yield
+    finally:
+        recorder.stop()
+        print(f"\n== py-spy, {name} ==\n{summary([path], 15)}", end="", flush=True)
 
 
 def client_kind(kind: str) -> str:
@@ -493,7 +670,7 @@ def memory(kind: str, n: int) -> dict:
     try:
         time.sleep(1)
         before = server.worker_rss()
-        clients = Clients(client_kind(kind), server.wait_port, ["idle"] * n,
+        clients = make_clients(client_kind(kind), server.wait_port, ["idle"] * n,
                           getattr(server, "keep_alive", True))
         clients.ask("open", 120.0, timeout=180)
         # nginx may drop a handful of 19000 polls at its connection limit.
@@ -512,37 +689,63 @@ def memory(kind: str, n: int) -> dict:
 def broadcast(kind: str, n: int, rounds: int) -> list[dict]:
     server = make_server(kind)
     clients = None
-    results = []
     try:
-        clients = Clients(client_kind(kind), server.wait_port, ["bcast"] * n,
+        clients = make_clients(client_kind(kind), server.wait_port, ["bcast"] * n,
                           getattr(server, "keep_alive", True))
         clients.ask("open", 120.0, timeout=180)
         wait_count(server, n)
-        for round_ in range(rounds):
-            time.sleep(0.5)
-            cpu = server.cpu_seconds()
-            sent_at = server.publish("bcast", json.dumps({"round": round_}).encode())
-            done = sorted(t for times in clients.ask("bodies", 60.0) for t in times)
-            cpu_round = server.cpu_seconds() - cpu
-            latencies = [(t - sent_at) * 1000 for t in done]
-            # Re-park: every client asks again at once and reads what comes,
-            # while the server's own count says when all N wait again.
-            cpu = server.cpu_seconds()
-            repark_start = time.monotonic()
-            clients.tell("repoll", 60.0)
-            parked = wait_count(server, n)
-            clients.answers("repoll", 60.0)
-            results.append({"kind": kind, "n": n, "round": round_ + 1,
-                            "p50_ms": statistics.median(latencies),
-                            "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
-                            "all_ms": latencies[-1], "cpu_ms": cpu_round * 1000,
-                            "repark_s": parked - repark_start,
-                            "repark_cpu_ms": (server.cpu_seconds() - cpu) * 1000})
-        return results
+        with profiled(server, f"broadcast-{kind}-{n}"):
+            return _broadcast_rounds(server, clients, kind, n, rounds)
     finally:
         if clients:
             clients.close()
         server.stop()
+
+
+def _broadcast_rounds(server, clients, kind: str, n: int, rounds: int) -> list[dict]:
+    results = []
+    for round_ in range(rounds):
+        time.sleep(0.5)
+        cpu = server.cpu_seconds()
+        body = {"m": round_, "t": int(time.monotonic() * 1e6)}
+        sent_at = server.publish("bcast", json.dumps(body).encode())
+        if isinstance(clients, CometClients):
+            clients.published(round_, sent_at)
+        done = sorted(t for times in clients.ask("bodies", 60.0) for t in times)
+        cpu_round = server.cpu_seconds() - cpu
+        latencies = [(t - sent_at) * 1000 for t in done]
+        # Re-park: every client asks again at once and reads what comes,
+        # while the server's own count says when all N wait again.
+        cpu = server.cpu_seconds()
+        repark_start = time.monotonic()
+        clients.tell("repoll", 60.0)
+        parked = wait_count(server, n)
+        clients.answers("repoll", 60.0)
+        results.append({"kind": kind, "n": n, "round": round_ + 1,
+                        "p50_ms": statistics.median(latencies),
+                        "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
+                        "all_ms": latencies[-1], "cpu_ms": cpu_round * 1000,
+                        "repark_s": parked - repark_start, "cycle_s": parked - sent_at,
+                        "repark_cpu_ms": (server.cpu_seconds() - cpu) * 1000})
+    return results
+
+
+class _CometPublisher(threading.Thread):
+    """cometload pub, as fast as it can, round-robin over the ``own`` channels."""
+
+    def __init__(self, kind: str, server, n: int, seconds: float, par: int):
+        super().__init__(daemon=True)
+        port = server.port if kind == "nchan" else server.in_port
+        self.command = ["taskset", "-c", str(LOAD_CPU), COMETLOAD, "pub", "--proto",
+                        "nchan" if kind == "nchan" else "rpl", "--port", str(port), "--prefix", "own",
+                        "--chan-n", str(n), "--par", str(par), "--duration", str(seconds)]
+        if kind == "nchan":
+            self.command += ["--path", "/pub/"]
+        self.ok = 0
+
+    def run(self) -> None:
+        out = subprocess.run(self.command, capture_output=True, text=True, timeout=600).stdout
+        self.ok = json.loads(out.strip().splitlines()[-1])["ok"]
 
 
 def rate(kind: str, n: int, seconds: float, publishers: int) -> dict:
@@ -550,7 +753,7 @@ def rate(kind: str, n: int, seconds: float, publishers: int) -> dict:
     clients = None
     try:
         channels = [f"own{i}" for i in range(n)]
-        clients = Clients(client_kind(kind), server.wait_port, channels,
+        clients = make_clients(client_kind(kind), server.wait_port, channels,
                           getattr(server, "keep_alive", True))
         clients.ask("open", 120.0, timeout=180)
         wait_count(server, n)
@@ -564,17 +767,25 @@ def rate(kind: str, n: int, seconds: float, publishers: int) -> dict:
                 published[index] += 1
                 i += publishers
 
-        threads = [threading.Thread(target=publish_loop, args=(i,), daemon=True) for i in range(publishers)]
-        cpu = server.cpu_seconds()
+        if CLIENTS == "c":
+            # cometload publishes too: Python threads cannot keep a fast server busy.
+            threads = [_CometPublisher(kind, server, n, seconds + 1, publishers)]
+        else:
+            threads = [threading.Thread(target=publish_loop, args=(i,), daemon=True) for i in range(publishers)]
         for thread in threads:
             thread.start()
-        delivered = sum(clients.ask("churn", seconds, timeout=seconds + 60))
+        with profiled(server, f"rate-{kind}"):
+            cpu = server.cpu_seconds()
+            delivered = sum(clients.ask("churn", seconds, timeout=seconds + 60))
+            cpu = server.cpu_seconds() - cpu
         stop.set()
         for thread in threads:
             thread.join(10)
+        if CLIENTS == "c":
+            published[0] = threads[0].ok * seconds / (seconds + 1)
         return {"kind": kind, "n": n, "delivered_per_s": delivered / seconds,
                 "published_per_s": sum(published) / seconds,
-                "server_cpu_share": (server.cpu_seconds() - cpu) / seconds}
+                "server_cpu_share": cpu / seconds}
     finally:
         if clients:
             clients.close()
@@ -598,8 +809,19 @@ def main() -> None:
                         help="GET Realplexor's /metrics every S seconds while it serves (0: never)")
     parser.add_argument("--publish-via", choices=["old", "json"], default="old",
                         help="publish with the old protocol (POST /) or the JSON API (POST /publish)")
+    parser.add_argument("--load", choices=["python", "c"], default="python",
+                        help="the polls' clients (and the rate run's publisher): Python processes, or "
+                             "cometload, the C load generator (COMETLOAD=PATH or on PATH)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="record Realplexor servers with py-spy during broadcasts and the rate run")
+    parser.add_argument("--server-tree", type=Path, default=None, metavar="PATH",
+                        help="run the realplexor package of another source tree (an older version)")
     args = parser.parse_args()
     REALPLEXOR_OPTIONS.update(metrics=not args.no_metrics, scrape=args.scrape, publish_via=args.publish_via)
+    global CLIENTS, PROFILE, SERVER_TREE  # noqa: PLW0603 - set once, before any scenario
+    CLIENTS, PROFILE, SERVER_TREE = args.load, args.profile, args.server_tree
+    if PROFILE:
+        PROFILE.mkdir(parents=True, exist_ok=True)
     raise_fd_limit()
     os.sched_setaffinity(0, {LOAD_CPU})   # the publisher and this driver: the load CPU
     if "nchan" in args.kinds and not shutil.which("nginx"):
@@ -630,6 +852,7 @@ def main() -> None:
             for r in rounds:
                 print(f"bcast    {kind:11} n={n:6} r{r['round']}  p50 {r['p50_ms']:7.1f}  p99 {r['p99_ms']:7.1f}  "
                       f"all {r['all_ms']:7.1f} ms  cpu {r['cpu_ms']:7.1f} ms  repark {r['repark_s']:.3f} s "
+                      f"cycle {r['cycle_s']:.3f} s "
                       f"(cpu {r['repark_cpu_ms']:.0f} ms)",
                       flush=True)
     if args.rate_polls:

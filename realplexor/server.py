@@ -21,7 +21,8 @@ from .pages import load_pages
 from .routes import Probes
 from .wait import WaitLine
 from .wait_lean import LeanWaitServer
-from .wait_wsgi import LongPollHandler, WaitApp, WaitServer
+from .wait_wsgi import WaitApp
+from .wsgi_server import LongPollHandler, WaitServer
 
 log = logging.getLogger("realplexor")
 

@@ -79,10 +79,18 @@ class WaitLine:
         self._poll_headers = (("Content-Type", f"text/javascript; charset={config.CHARSET}"), *NO_CACHE)
         self._any_origin = "*" in config.CORS_ORIGINS
         self._origins = frozenset(config.CORS_ORIGINS)
+        # The last GET target that was a poll, and its Identifier: a broadcast's
+        # polls all ask again with the same target, one after another.
+        self._last_poll: tuple[str, Identifier] | None = None
 
     def answer(self, method: str, target: str, header: Header,
                read_body: ReadBody) -> Reply | Identifier | Subscription:
         """A Reply to send as is, the Identifier of a plain long poll, or a Subscription."""
+        last = self._last_poll
+        if (last is not None and method == "GET" and last[0] == target
+                and header("upgrade") is None and EVENT_STREAM not in (header("accept") or "")):
+            # A plain GET poll's answer depends on its target alone (no body).
+            return last[1]
         cors = self.cors_headers(header("origin"))
         try:
             if method == "OPTIONS":
@@ -108,6 +116,8 @@ class WaitLine:
             return self._stream(method, header, request.identifier, cors)
         if asks_reset(target):
             return Subscription(request.identifier)
+        if method == "GET":
+            self._last_poll = (target, request.identifier)
         return request.identifier
 
     def refused(self, error: ProtocolError, cors=()) -> Reply:

@@ -69,12 +69,13 @@ class _Request:
     __slots__ = ("url", "headers", "body", "complete", "pipelined", "closing")
 
     def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
         self.reset()
 
     def reset(self) -> None:
-        """Forget the last request."""
+        """Forget the last request (its headers' dict is reused: nothing keeps it)."""
         self.url = b""
-        self.headers: dict[str, str] = {}
+        self.headers.clear()
         self.body = b""
         self.complete = False
         self.pipelined = False
