@@ -72,6 +72,16 @@ FIRST = b" \r\n"
 
 # -- the servers ---------------------------------------------------------------
 
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminate ``process`` (a server's master), killing it after 10 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
 class Nginx:
     """nginx with nchan on a free port, pinned to the server CPU."""
 
@@ -117,12 +127,7 @@ class Nginx:
         return f"GET /sub/{channel} HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n".encode()
 
     def stop(self) -> None:
-        if self.master.poll() is None:
-            self.master.terminate()
-            try:
-                self.master.wait(10)
-            except subprocess.TimeoutExpired:
-                self.master.kill()
+        stop_process(self.master)
         self._tmp.cleanup()
 
 
@@ -263,12 +268,7 @@ class Gunicorn(Realplexor):
         return sum(int(line.split()[1]) for line in body.decode().splitlines())
 
     def stop(self) -> None:
-        if self.master.poll() is None:
-            self.master.terminate()
-            try:
-                self.master.wait(10)
-            except subprocess.TimeoutExpired:
-                self.master.kill()
+        stop_process(self.master)
         self._tmp.cleanup()
 
 
