@@ -1,7 +1,7 @@
 /*
- * Realplexor JavaScript client: an event stream (EventSource) where the
- * browser has one and the server offers it, else long polling over
- * cross-origin fetch.
+ * Realplexor JavaScript client: a WebSocket, else an event stream
+ * (EventSource), where the browser has one and the server offers it, else
+ * long polling over cross-origin fetch.
  *
  *   var rpl = new Dklab_Realplexor("https://rpl.example.com/", "demo_");
  *   rpl.subscribe("Alpha", function (data, id, cursor) { ... });
@@ -116,6 +116,7 @@
     this._resetCallbacks = [];
     this._cursorsSet = false; // setCursor() since the stream opened
     this._streamRefused = !global.EventSource || TRANSPORTS.indexOf("eventsource") < 0;
+    this._socketRefused = !global.WebSocket || TRANSPORTS.indexOf("websocket") < 0;
   }
 
   Dklab_Realplexor.VERSION = VERSION;
@@ -178,6 +179,7 @@
   Dklab_Realplexor.prototype.execute = function () {
     if (this._dispatching || this._timer !== null) return this;
     if (this._request !== null) {
+      if (this._request.socket && this._resubscribe(this._request)) return this;
       if (this._request.source ? !this._cursorsSet && this._request.channels === this._channels()
           : this._request.identifier === this._identifier()) return this;
       debug("subscriptions changed, reconnecting");
@@ -185,6 +187,14 @@
     }
     this._schedule(0);
     return this;
+  };
+
+  // How this client listens now: "websocket", "eventsource", "longpoll",
+  // or "" while it has no request open.
+  Dklab_Realplexor.prototype.transport = function () {
+    var request = this._request;
+    if (!request) return "";
+    return request.socket ? "websocket" : request.source ? "eventsource" : "longpoll";
   };
 
   Dklab_Realplexor.prototype._entry = function (id) {
@@ -229,7 +239,9 @@
   Dklab_Realplexor.prototype._abort = function () {
     var request = this._request;
     this._request = null;
-    if (request && request.source) {
+    if (request && request.socket) {
+      request.socket.close();
+    } else if (request && request.source) {
       request.source.close();
     } else if (request) {
       clearTimeout(request.watchdog);
@@ -249,7 +261,11 @@
     // reset=1: the server tells of lost messages (see onReset); old servers ignore it.
     var url = this._waitUrl + joint + marker + "=" + identifier + "&ncrnd=" + Date.now()
       + Math.floor(Math.random() * 1e6) + "&reset=1";
-    // An event stream can only be a GET; the IFRAME bridge keeps long polling.
+    // A WebSocket first, then an event stream (only a GET); the IFRAME bridge keeps long polling.
+    if (!this._socketRefused && this._caller === null && url.length <= MAX_GET_URL) {
+      this._openSocket(identifier, url.replace(/^http/, "ws"));
+      return;
+    }
     if (!this._streamRefused && this._caller === null && url.length <= MAX_GET_URL) {
       this._openStream(identifier, url);
       return;
@@ -287,6 +303,83 @@
       clearTimeout(request.watchdog);
       self._failed(error);
     });
+  };
+
+  // The WebSocket: one message per part. Subscriptions made after it opened
+  // are sent on it; one that never opened is given up for the next transport.
+  Dklab_Realplexor.prototype._openSocket = function (identifier, url) {
+    var self = this;
+    var request = { identifier: identifier, channels: this._channels(), socket: null, opened: false };
+    this._cursorsSet = false;
+    try {
+      request.socket = new global.WebSocket(url);
+    } catch (error) {
+      this._socketRefused = true;
+      this._schedule(0);
+      return;
+    }
+    this._request = request;
+    debug("websocket", identifier);
+    request.socket.onopen = function () {
+      if (self._request !== request) return;
+      request.opened = true;
+      self._failures = 0;
+      self._resubscribe(request);
+    };
+    request.socket.onmessage = function (event) {
+      if (self._request !== request) return;
+      var part;
+      try {
+        part = JSON.parse(event.data);
+      } catch (error) {
+        report(new Error("unreadable message: " + error.message));
+        return;
+      }
+      self._dispatching = true;
+      try {
+        self._dispatch([part]);
+      } catch (error) {
+        report(error);
+      } finally {
+        self._dispatching = false;
+      }
+      if (self._request === request) self._resubscribe(request);
+    };
+    request.socket.onclose = function () {
+      if (self._request !== request) return;
+      self._request = null;
+      if (!request.opened) {
+        debug("websocket refused, trying the next transport");
+        self._socketRefused = true;
+        self._schedule(0);
+      } else {
+        self._failed(new Error("websocket closed"));
+      }
+    };
+  };
+
+  // Tell an open WebSocket of subscriptions changed since it opened; false
+  // when it cannot (not open yet, or cursors set by hand: reconnect then).
+  Dklab_Realplexor.prototype._resubscribe = function (request) {
+    if (!request.opened || this._cursorsSet) return false;
+    var now = this._channels();
+    if (now === request.channels) return true;
+    var before = request.channels ? request.channels.split(",") : [];
+    var after = now ? now.split(",") : [];
+    var prefix = this._wirePrefix(), added = {}, gone = [], any = false;
+    for (var i = 0; i < after.length; i++) {
+      if (before.indexOf(after[i]) >= 0) continue;
+      var entry = this._map[after[i].substring(prefix.length)];
+      added[after[i]] = entry && entry.cursor != null && isCursor(entry.cursor) ? entry.cursor : null;
+      any = true;
+    }
+    for (var j = 0; j < before.length; j++) {
+      if (after.indexOf(before[j]) < 0) gone.push(before[j]);
+    }
+    if (any) request.socket.send(JSON.stringify({ subscribe: added }));
+    if (gone.length) request.socket.send(JSON.stringify({ unsubscribe: gone }));
+    request.channels = now;
+    return true;
   };
 
   // The stream: one event per part. The browser reconnects a stream that

@@ -72,3 +72,42 @@ def test_a_history_cut_reaches_the_page(page, site, server_factory, cid, transpo
     assert len(resets) == 1 and resets[0][0] == f"{cid}a" and resets[0][2] == 0
     assert resets[0][1] < got[0]["cursor"]
     assert (requests(page) == []) == bool(transports)
+
+
+SOCKETS = ["websocket", "eventsource"]
+
+
+def test_messages_arrive_over_a_websocket_and_subscriptions_go_on_it(page, site, server_factory, cid):
+    server = server_factory(STREAM_TRANSPORTS=SOCKETS)
+    sockets = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    open_with_server_script(page, site, server)
+    page.evaluate(f"""window.rpl = new Dklab_Realplexor({wait_url(server.wait_port)!r});
+        rpl.subscribe("{cid}a", recorder("a")).execute()""")
+    wait_listening(server, f"{cid}a")
+    server.publish(f"{cid}a", '"one"')
+    received(page, 1)
+    # Subscribed after execute(): sent on the open socket, no new connection.
+    page.evaluate(f"""rpl.subscribe("{cid}b", recorder("b")).execute()""")
+    wait_listening(server, f"{cid}b")
+    server.publish(f"{cid}b", '"two"')
+    got = received(page, 2)
+    assert [(r["tag"], r["data"]) for r in got] == [("a", "one"), ("b", "two")]
+    assert len(sockets) == 1 and sockets[0].startswith("ws://")
+    assert requests(page) == []
+
+
+def test_a_refused_websocket_falls_back_to_the_event_stream(page, site, server_factory, cid):
+    # The script comes from a server that offers WebSockets; the polls go to
+    # one that refuses them (as behind a proxy that breaks upgrades).
+    offering = server_factory(STREAM_TRANSPORTS=SOCKETS)
+    server = server_factory(STREAM_TRANSPORTS=STREAMS)
+    sockets = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    open_with_server_script(page, site, offering)
+    page.evaluate(f"""window.rpl = new Dklab_Realplexor({wait_url(server.wait_port)!r});
+        rpl.subscribe("{cid}a", recorder("a")).execute()""")
+    wait_listening(server, f"{cid}a")
+    server.publish(f"{cid}a", '"streamed"')
+    assert [r["data"] for r in received(page, 1)] == ["streamed"]
+    assert len(sockets) == 1 and requests(page) == []

@@ -420,3 +420,12 @@ def test_command_fails_clearly_without_a_server_when_told_not_to_start_one(tmp_p
                              "--in-port", str(free_port())])
     assert _wait_exit(process) == 1
     output.wait_for("no Realplexor server answers on 127.0.0.1:")
+
+
+def test_the_page_shows_how_it_listens(demo, open_page):
+    page = open_page(demo.url + "?ids=Alpha")
+    page.wait_for_function("document.getElementById('connection').dataset.transport !== ''",
+                           timeout=WAIT_MS)
+    transport = page.get_attribute("#connection", "data-transport")
+    assert transport in ("websocket", "eventsource", "longpoll")
+    assert transport in page.text_content("#connection")

@@ -287,6 +287,14 @@
     return ids;
   }
 
+  // The status line: the WAIT line, and how this page listens to it now.
+  function showTransport() {
+    var transport = realplexor.transport ? realplexor.transport() : "";
+    var node = $("connection");
+    node.textContent = "WAIT line: " + settings.waitUrl + (transport ? " · " + transport : "");
+    node.setAttribute("data-transport", transport);
+  }
+
   function start() {
     var ids = initialIds();
     ids.forEach(addChannel);
@@ -294,7 +302,8 @@
     realplexor.execute();
     channelsChanged();
     $("post-ids").value = ids.join(",");
-    $("connection").textContent = "WAIT line: " + settings.waitUrl;
+    showTransport();
+    setInterval(showTransport, 1000);
     $("add-form").addEventListener("submit", openFromForm);
     $("post-form").addEventListener("submit", post);
     $("post-text").addEventListener("keydown", submitOnEnter);
