@@ -328,21 +328,7 @@
     };
     request.socket.onmessage = function (event) {
       if (self._request !== request) return;
-      var part;
-      try {
-        part = JSON.parse(event.data);
-      } catch (error) {
-        report(new Error("unreadable message: " + error.message));
-        return;
-      }
-      self._dispatching = true;
-      try {
-        self._dispatch([part]);
-      } catch (error) {
-        report(error);
-      } finally {
-        self._dispatching = false;
-      }
+      self._dispatchOne(event.data);
       if (self._request === request) self._resubscribe(request);
     };
     request.socket.onclose = function () {
@@ -356,6 +342,25 @@
         self._failed(new Error("websocket closed"));
       }
     };
+  };
+
+  // One part, as a stream's event or a WebSocket's message carries it.
+  Dklab_Realplexor.prototype._dispatchOne = function (text) {
+    var part;
+    try {
+      part = JSON.parse(text);
+    } catch (error) {
+      report(new Error("unreadable part: " + error.message));
+      return;
+    }
+    this._dispatching = true;
+    try {
+      this._dispatch([part]);
+    } catch (error) {
+      report(error);
+    } finally {
+      this._dispatching = false;
+    }
   };
 
   // Tell an open WebSocket of subscriptions changed since it opened; false
@@ -405,21 +410,7 @@
     };
     request.source.onmessage = function (event) {
       if (self._request !== request) return;
-      var part;
-      try {
-        part = JSON.parse(event.data);
-      } catch (error) {
-        report(new Error("unreadable event: " + error.message));
-        return;
-      }
-      self._dispatching = true;
-      try {
-        self._dispatch([part]);
-      } catch (error) {
-        report(error);
-      } finally {
-        self._dispatching = false;
-      }
+      self._dispatchOne(event.data);
       // Subscriptions changed in a callback: listen to them now.
       if (self._request === request && request.channels !== self._channels()) {
         self._abort();
