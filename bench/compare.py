@@ -73,6 +73,14 @@ FIRST = b" \r\n"
 # -- the servers ---------------------------------------------------------------
 
 
+def online_listeners(in_port: int) -> int:
+    """Listeners waiting now, by the server's own ONLINE counts."""
+    with socket.create_connection(("127.0.0.1", in_port), timeout=IO_TIMEOUT) as sock:
+        sock.sendall(b"ONLINE\n\n")
+        body = read_to_eof(sock).partition(b"\r\n\r\n")[2]
+    return sum(int(line.split()[1]) for line in body.decode().splitlines())
+
+
 def stop_process(process: subprocess.Popen) -> None:
     """Terminate ``process`` (a server's master), killing it after 10 s."""
     if process.poll() is None:
@@ -157,10 +165,7 @@ class FloorServer:
         return Realplexor.publish(self, channel, data)
 
     def waiting(self) -> int:
-        with socket.create_connection(("127.0.0.1", self.in_port), timeout=IO_TIMEOUT) as sock:
-            sock.sendall(b"ONLINE\n\n")
-            body = read_to_eof(sock).partition(b"\r\n\r\n")[2]
-        return sum(int(line.split()[1]) for line in body.decode().splitlines())
+        return online_listeners(self.in_port)
 
     def stop(self) -> None:
         self.process.kill()
@@ -262,10 +267,7 @@ class Gunicorn(Realplexor):
         return sum(self._worker().cpu_times()[:2])
 
     def waiting(self) -> int:
-        with socket.create_connection(("127.0.0.1", self.in_port), timeout=IO_TIMEOUT) as sock:
-            sock.sendall(b"ONLINE\n\n")
-            body = read_to_eof(sock).partition(b"\r\n\r\n")[2]
-        return sum(int(line.split()[1]) for line in body.decode().splitlines())
+        return online_listeners(self.in_port)
 
     def stop(self) -> None:
         stop_process(self.master)

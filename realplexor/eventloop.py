@@ -174,6 +174,19 @@ def peer_closed(raw) -> bool | None:
         return True
 
 
+def recv_or_gone(raw, size: int) -> bytes | None:
+    """What the client sent (at most ``size`` bytes), b"" if it left, None if nothing came yet.
+
+    ``raw`` is a non-blocking socket; a broken connection counts as gone.
+    """
+    try:
+        return raw.recv(size)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 def close_connection(conn) -> None:
     """Close a served connection's read watcher and socket (either may be gone)."""
     if conn.watcher is not None:

@@ -35,6 +35,7 @@ from gevent.event import Event
 from gevent.hub import get_hub
 
 from .channels import ChannelState
+from .eventloop import recv_or_gone
 from .config import Config
 from .protocol import render_reset_parts
 from .store import StoreDown
@@ -257,12 +258,9 @@ class EventStream:
             self._writer.stop()
 
     def _readable(self) -> None:
-        try:
-            data = self._sock.recv(_READ_SIZE)
-        except BlockingIOError:
+        data = recv_or_gone(self._sock, _READ_SIZE)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._reader.stop()
             self.close("client gone")

@@ -30,7 +30,8 @@ from gevent.hub import get_hub
 from .channels import ChannelState
 from .clientlog import bad_request, escape, peer
 from .deadlines import Deadlines
-from .eventloop import READ, Acceptor, Sweeper, close_connection, lend, linger, sendall_within, take_back
+from .eventloop import (READ, Acceptor, Sweeper, close_connection, lend, linger, recv_or_gone, sendall_within,
+                        take_back)
 from .protocol import ProtocolError
 from .streams import EventStream, cuts_or_none, render_cuts
 from .websocket import open_stream
@@ -499,12 +500,9 @@ class LeanWaitServer:
     def _on_parked_readable(self, conn: LeanPoll) -> None:
         # Whatever the client sends is read, so that its leaving is
         # noticed at once however many bytes came before it.
-        try:
-            data = conn.sock.recv(READ_SIZE)
-        except BlockingIOError:
+        data = recv_or_gone(conn.sock, READ_SIZE)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._drop(conn)
             return

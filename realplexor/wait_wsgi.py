@@ -18,6 +18,7 @@ from gevent.event import Event
 from gevent.hub import get_hub
 
 from .channels import ChannelState
+from .eventloop import recv_or_gone
 from .protocol import ProtocolError
 from .streams import EventStream, cuts_or_none, render_cuts
 from .wait import FIRST_BYTES, ReadBody, Reply, Subscription, WaitLine, wants_keep_alive
@@ -236,12 +237,9 @@ def _watch_for_hangup(sock: socket.socket, state: ChannelState, listener: WaitLi
 def _read_while_parked(raw, state: ChannelState, listener: WaitListener, watcher) -> None:
     # Whatever the client sends is read, so that its leaving is
     # noticed at once however many bytes came before it.
-    try:
-        data = raw.recv(_READ_SIZE)
-    except BlockingIOError:
+    data = recv_or_gone(raw, _READ_SIZE)
+    if data is None:
         return
-    except OSError:
-        data = b""
     if data:
         listener.early = data if listener.early is None else listener.early + data
         if len(listener.early) <= MAX_PARKED_INPUT:
