@@ -13,7 +13,15 @@ Scenarios, for each kind:
   repark     every poll asks again at once: time until the server itself
              counts all N waiting again (Realplexor: ONLINE; nchan: its status);
   rate       2000 polls on their own channels, publishers round-robin:
-             messages delivered per second.
+             messages delivered per second;
+  fan-out    (--fan-out N) N polls of one channel, publishers as fast as
+             they can: messages delivered per second.
+
+Transports (--transports poll,sse,ws): each scenario with kept-alive long
+polls, event streams (EventSource) or WebSockets, on the kinds that serve
+them (nchan, lean, wsgi). Streams are held by streamload, a C program in
+this directory (bench/streamload.c, built with gcc on first use, or
+STREAMLOAD=PATH): one connection per subscriber for the whole run.
 
 Kinds: nchan, lean, wsgi, lean-close / wsgi-close (polls without
 keep-alive), gunicorn (the WAIT line under gunicorn's gevent worker,
@@ -29,6 +37,8 @@ Realplexor's own switches: --no-metrics runs it with METRICS = false;
 Prometheus would; --publish-via json publishes with POST /publish (the
 JSON API) instead of the old protocol's POST /.
     python compare.py --load c ...        # cometload, the C load generator, as clients
+    python compare.py --load c --kinds nchan,lean,wsgi --transports poll,sse,ws \
+        --memory 0 --broadcast 10000 --fan-out 1000  # long polls against streams
     python compare.py --profile DIR ...   # py-spy of Realplexor in broadcasts and the rate run
 
 A kept-alive Realplexor poll gets its headers with its answer, as nchan's
@@ -38,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -388,9 +399,14 @@ class CometClients:
         self._records = tempfile.NamedTemporaryFile(prefix="cometload-", suffix=".bin", delete=False)
         self._read = 0
         self._t: dict[int, float] = {}
-        n = len(channels)
-        command = ["taskset", "-c", str(LOAD_CPU), COMETLOAD, "sub", "--proto", "nchan" if kind == "nchan" else "rpl",
-                   "--port", str(port), "--conns", str(n), "--records", self._records.name, "--max-time", "3600"]
+        self.n_expected = len(channels)
+        command = ["taskset", "-c", str(LOAD_CPU), *self._command(kind, port, channels, keep_alive)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True, bufsize=1)
+
+    def _command(self, kind: str, port: int, channels: list[str], keep_alive: bool) -> list[str]:
+        command = [COMETLOAD, "sub", "--proto", "nchan" if kind == "nchan" else "rpl", "--port", str(port),
+                   "--conns", str(len(channels)), "--records", self._records.name, "--max-time", "3600"]
         if kind == "nchan":
             command += ["--path", "/sub/"]
         if len(set(channels)) == 1:
@@ -399,9 +415,7 @@ class CometClients:
             command += ["--prefix", channels[0].rstrip("0123456789")]
         if keep_alive:
             command.append("--keepalive")
-        self.n_expected = n
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        return command
 
     def status(self, command: str = "s") -> dict:
         self.process.stdin.write(command + "\n")
@@ -455,6 +469,36 @@ class CometClients:
         except (OSError, subprocess.TimeoutExpired):
             self.process.kill()
         Path(self._records.name).unlink(missing_ok=True)
+
+
+class StreamClients(CometClients):
+    """Event-stream or WebSocket subscribers held by streamload (bench/streamload.c).
+
+    Each keeps one connection for the whole run and gets every message on
+    it; the records and commands are cometload's, so the scenarios read
+    them the same way.
+    """
+
+    def __init__(self, kind: str, port: int, channels: list[str], transport: str):
+        self.transport = transport
+        super().__init__(kind, port, channels, keep_alive=True)
+
+    def _command(self, kind: str, port: int, channels: list[str], keep_alive: bool) -> list[str]:
+        command = [streamload(), "--transport", self.transport, "--proto", "nchan" if kind == "nchan" else "rpl",
+                   "--port", str(port), "--conns", str(len(channels)), "--records", self._records.name]
+        if len(set(channels)) == 1:
+            return command + ["--shared", channels[0]]
+        return command + ["--prefix", channels[0].rstrip("0123456789")]
+
+
+@functools.cache
+def streamload() -> str:
+    """The streamload binary: STREAMLOAD=PATH, or bench/streamload.c built once per run with gcc."""
+    if os.environ.get("STREAMLOAD"):
+        return os.environ["STREAMLOAD"]
+    target = Path(tempfile.mkdtemp(prefix="streamload-")) / "streamload"
+    subprocess.run(["gcc", "-O2", "-o", str(target), str(HERE / "streamload.c")], check=True)
+    return str(target)
 
 
 def _client_main(pipe, kind: str, port: int, channels: list[str], keep_alive: bool,
@@ -614,6 +658,8 @@ class _Crowd:
 
 # -- scenarios -----------------------------------------------------------------
 
+# The kinds that serve event streams and WebSockets (gunicorn refuses them).
+STREAM_KINDS = ("nchan", "lean", "wsgi")
 # Realplexor's switches from the command line (see Realplexor).
 REALPLEXOR_OPTIONS: dict = {}
 
@@ -629,8 +675,12 @@ def make_server(kind: str):
     return Realplexor(engine, keep_alive=mode != "close", options=REALPLEXOR_OPTIONS)
 
 
-def make_clients(kind: str, port: int, channels: list[str], keep_alive: bool):
-    """The polls' clients: Python processes, or cometload (``--load c``)."""
+def make_clients(kind: str, port: int, channels: list[str], keep_alive: bool, transport: str = "poll"):
+    """The subscribers: long polls held by Python processes or by cometload
+    (``--load c``), or event streams / WebSockets (``transport`` "sse" or
+    "ws") held by streamload."""
+    if transport != "poll":
+        return StreamClients(kind, port, channels, transport)
     if CLIENTS == "c":
         return CometClients(kind, port, channels, keep_alive)
     return Clients(kind, port, channels, keep_alive)
@@ -666,21 +716,21 @@ def wait_count(server, n: int, timeout: float = 120.0) -> float:
     return time.monotonic()
 
 
-def memory(kind: str, n: int) -> dict:
+def memory(kind: str, n: int, transport: str = "poll") -> dict:
     server = make_server(kind)
     clients = None
     try:
         time.sleep(1)
         before = server.worker_rss()
         clients = make_clients(client_kind(kind), server.wait_port, ["idle"] * n,
-                          getattr(server, "keep_alive", True))
+                               getattr(server, "keep_alive", True), transport)
         clients.ask("open", 120.0, timeout=180)
         # nginx may drop a handful of 19000 polls at its connection limit.
         wait_count(server, int(n * 0.998))
         time.sleep(2)
         after = server.worker_rss()
         waiting = server.waiting()
-        return {"kind": kind, "n": n, "waiting": waiting, "rss_before_mb": before / 2**20,
+        return {"kind": kind, "transport": transport, "n": n, "waiting": waiting, "rss_before_mb": before / 2**20,
                 "rss_after_mb": after / 2**20, "kb_per_poll": (after - before) / waiting / 1024}
     finally:
         if clients:
@@ -688,16 +738,16 @@ def memory(kind: str, n: int) -> dict:
         server.stop()
 
 
-def broadcast(kind: str, n: int, rounds: int) -> list[dict]:
+def broadcast(kind: str, n: int, rounds: int, transport: str = "poll") -> list[dict]:
     server = make_server(kind)
     clients = None
     try:
         clients = make_clients(client_kind(kind), server.wait_port, ["bcast"] * n,
-                          getattr(server, "keep_alive", True))
+                               getattr(server, "keep_alive", True), transport)
         clients.ask("open", 120.0, timeout=180)
         wait_count(server, n)
-        with profiled(server, f"broadcast-{kind}-{n}"):
-            return _broadcast_rounds(server, clients, kind, n, rounds)
+        with profiled(server, f"broadcast-{kind}-{transport}-{n}"):
+            return [{**r, "transport": transport} for r in _broadcast_rounds(server, clients, kind, n, rounds)]
     finally:
         if clients:
             clients.close()
@@ -733,14 +783,16 @@ def _broadcast_rounds(server, clients, kind: str, n: int, rounds: int) -> list[d
 
 
 class _CometPublisher(threading.Thread):
-    """cometload pub, as fast as it can, round-robin over the ``own`` channels."""
+    """cometload pub, as fast as it can: round-robin over the ``own`` channels,
+    or always to the channel ``fixed``."""
 
-    def __init__(self, kind: str, server, n: int, seconds: float, par: int):
+    def __init__(self, kind: str, server, n: int, seconds: float, par: int, fixed: str | None = None):
         super().__init__(daemon=True)
         port = server.port if kind == "nchan" else server.in_port
+        targets = ["--fixed", fixed] if fixed else ["--prefix", "own", "--chan-n", str(n)]
         self.command = ["taskset", "-c", str(LOAD_CPU), COMETLOAD, "pub", "--proto",
-                        "nchan" if kind == "nchan" else "rpl", "--port", str(port), "--prefix", "own",
-                        "--chan-n", str(n), "--par", str(par), "--duration", str(seconds)]
+                        "nchan" if kind == "nchan" else "rpl", "--port", str(port), *targets,
+                        "--par", str(par), "--duration", str(seconds)]
         if kind == "nchan":
             self.command += ["--path", "/pub/"]
         self.ok = 0
@@ -750,13 +802,17 @@ class _CometPublisher(threading.Thread):
         self.ok = json.loads(out.strip().splitlines()[-1])["ok"]
 
 
-def rate(kind: str, n: int, seconds: float, publishers: int) -> dict:
+def rate(kind: str, n: int, seconds: float, publishers: int, transport: str = "poll",
+         fan_out: bool = False) -> dict:
+    """Messages delivered per second while publishers go as fast as they can:
+    to ``n`` subscribers on their own channels (round-robin), or, with
+    ``fan_out``, to ``n`` subscribers of one channel."""
     server = make_server(kind)
     clients = None
     try:
-        channels = [f"own{i}" for i in range(n)]
+        channels = ["fan"] * n if fan_out else [f"own{i}" for i in range(n)]
         clients = make_clients(client_kind(kind), server.wait_port, channels,
-                          getattr(server, "keep_alive", True))
+                               getattr(server, "keep_alive", True), transport)
         clients.ask("open", 120.0, timeout=180)
         wait_count(server, n)
         stop = threading.Event()
@@ -771,7 +827,7 @@ def rate(kind: str, n: int, seconds: float, publishers: int) -> dict:
 
         if CLIENTS == "c":
             # cometload publishes too: Python threads cannot keep a fast server busy.
-            threads = [_CometPublisher(kind, server, n, seconds + 1, publishers)]
+            threads = [_CometPublisher(kind, server, n, seconds + 1, publishers, "fan" if fan_out else None)]
         else:
             threads = [threading.Thread(target=publish_loop, args=(i,), daemon=True) for i in range(publishers)]
         for thread in threads:
@@ -785,9 +841,11 @@ def rate(kind: str, n: int, seconds: float, publishers: int) -> dict:
             thread.join(10)
         if CLIENTS == "c":
             published[0] = threads[0].ok * seconds / (seconds + 1)
-        return {"kind": kind, "n": n, "delivered_per_s": delivered / seconds,
+        closed = clients.status()["closed"] if isinstance(clients, StreamClients) else 0
+        return {"kind": kind, "transport": transport, "fan_out": fan_out, "n": n,
+                "delivered_per_s": delivered / seconds,
                 "published_per_s": sum(published) / seconds,
-                "server_cpu_share": cpu / seconds}
+                "server_cpu_share": cpu / seconds, "streams_closed": closed}
     finally:
         if clients:
             clients.close()
@@ -805,6 +863,12 @@ def main() -> None:
     parser.add_argument("--rate-polls", type=int, default=2000)
     parser.add_argument("--rate-seconds", type=float, default=5.0)
     parser.add_argument("--publishers", type=int, default=4)
+    parser.add_argument("--fan-out", type=int, default=0, metavar="N",
+                        help="also N subscribers of one channel, publishers as fast as they can (0: skip)")
+    parser.add_argument("--transports", default="poll",
+                        help="poll (kept-alive long polls), sse (event streams), ws (WebSockets): "
+                             "streams are held by streamload (bench/streamload.c, built with gcc) "
+                             "on the kinds that serve them: " + ", ".join(STREAM_KINDS))
     parser.add_argument("--json", type=Path, default=None, help="also write all results here")
     parser.add_argument("--no-metrics", action="store_true", help="Realplexor with METRICS = false")
     parser.add_argument("--scrape", type=float, default=0.0, metavar="S",
@@ -837,37 +901,46 @@ def main() -> None:
             print(f"FAILED   {scenario.__name__}{scenario_args}: {exc}", flush=True)
             return None
 
+    transports = args.transports.split(",")
+    unknown = set(transports) - {"poll", "sse", "ws"}
+    if unknown:
+        parser.error(f"--transports: unknown {', '.join(sorted(unknown))}; known: poll, sse, ws")
+    combos = [(kind, transport) for transport in transports for kind in kinds
+              if transport == "poll" or kind in STREAM_KINDS]
     out = {"load_average": os.getloadavg(), "memory": [], "broadcast": [], "rate": []}
     for n in [int(x) for x in args.memory.split(",") if int(x or 0)]:
-        for kind in kinds:
+        for kind, transport in combos:
             if kind.endswith("close") or kind == "floor":   # the floor keeps no state worth weighing
                 continue
-            result = attempt(memory, kind, n)
+            result = attempt(memory, kind, n, transport)
             if result:
                 out["memory"].append(result)
-                print(f"memory   {kind:11} n={n:6}  {result['kb_per_poll']:6.2f} KB/poll "
+                print(f"memory   {kind:11} {transport:5} n={n:6}  {result['kb_per_poll']:6.2f} KB/listener "
                       f"({result['waiting']} waiting)", flush=True)
     for n in [int(x) for x in args.broadcast.split(",") if int(x or 0)]:
-        for kind in kinds:
-            rounds = attempt(broadcast, kind, n, args.rounds) or []
+        for kind, transport in combos:
+            rounds = attempt(broadcast, kind, n, args.rounds, transport) or []
             out["broadcast"].extend(rounds)
             for r in rounds:
-                print(f"bcast    {kind:11} n={n:6} r{r['round']}  p50 {r['p50_ms']:7.1f}  p99 {r['p99_ms']:7.1f}  "
-                      f"all {r['all_ms']:7.1f} ms  cpu {r['cpu_ms']:7.1f} ms  repark {r['repark_s']:.3f} s "
-                      f"cycle {r['cycle_s']:.3f} s "
-                      f"(cpu {r['repark_cpu_ms']:.0f} ms)",
+                # A stream does not re-park: the next message comes on the same connection.
+                repark = (f"  repark {r['repark_s']:.3f} s cycle {r['cycle_s']:.3f} s (cpu {r['repark_cpu_ms']:.0f} ms)"
+                          if transport == "poll" else "")
+                print(f"bcast    {kind:11} {transport:5} n={n:6} r{r['round']}  p50 {r['p50_ms']:7.1f}  "
+                      f"p99 {r['p99_ms']:7.1f}  all {r['all_ms']:7.1f} ms  cpu {r['cpu_ms']:7.1f} ms{repark}",
                       flush=True)
-    if args.rate_polls:
-        for kind in kinds:
+    rates = [(args.rate_polls, False), (args.fan_out, True)]
+    for n, fan_out in [(n, fan_out) for n, fan_out in rates if n]:
+        for kind, transport in combos:
             if kind.endswith("close"):
                 continue
-            result = attempt(rate, kind, args.rate_polls, args.rate_seconds, args.publishers)
+            result = attempt(rate, kind, n, args.rate_seconds, args.publishers, transport, fan_out)
             if not result:
                 continue
             out["rate"].append(result)
-            print(f"rate     {kind:11} n={args.rate_polls:6}  {result['delivered_per_s']:8.0f} delivered/s  "
-                  f"({result['published_per_s']:.0f} published/s, server CPU {result['server_cpu_share']:.0%})",
-                  flush=True)
+            closed = f", {result['streams_closed']} streams closed" if result["streams_closed"] else ""
+            print(f"{'fan-out' if fan_out else 'rate':8} {kind:11} {transport:5} n={n:6}  "
+                  f"{result['delivered_per_s']:8.0f} delivered/s  ({result['published_per_s']:.0f} published/s, "
+                  f"server CPU {result['server_cpu_share']:.0%}{closed})", flush=True)
     out["load_average_end"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
