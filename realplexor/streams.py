@@ -48,9 +48,11 @@ _READ_SIZE = 4096
 MAX_STREAM_INPUT = 4096
 _KEEP_ALIVE = b": keep-alive\n\n"
 
+# Reads a part to find where it ends; its numbers are not kept, so floats do.
+_DECODER = simplejson.JSONDecoder()
 # The last body parsed and its parts: a publish wakes every stream with the same bytes.
 _parsed_for: bytes | None = None
-_parsed: list[tuple[dict[str, str], bytes]] = []
+_parsed: list = []
 
 
 def render_cuts(cuts: list[tuple[str, str]]) -> bytes:
@@ -67,18 +69,55 @@ def cuts_or_none(state: ChannelState, cursors: dict[str, Decimal | None]) -> lis
         return []
 
 
-def parse_parts(body: bytes) -> list[tuple[dict[str, str], bytes]]:
-    """A long-poll body's parts: each part's ids with their cursor texts, and the part as one line of JSON."""
+Cursors = list[tuple[str, Decimal, str]]
+
+
+def parse_parts(body: bytes) -> list[tuple[Cursors, bytes]]:
+    """A long-poll body's parts: each part's ids with their cursors (as numbers and
+    as texts), and the part as one line of JSON."""
     global _parsed_for, _parsed
     if body is _parsed_for:
         return _parsed
-    parts = []
-    # Decimals keep the publisher's numbers exact; the text is the same JSON on one line.
-    for part in simplejson.loads(body, use_decimal=True):
-        line = simplejson.dumps(part, use_decimal=True, ensure_ascii=False, separators=(",", ":"))
-        parts.append((part["ids"], line.encode("utf-8")))
+    if b"\n" in body or b"\r" in body:
+        parts = _parts_made_one_line(body)
+    else:
+        parts = _parts_as_they_are(body.decode("utf-8"))
     _parsed_for, _parsed = body, parts
     return parts
+
+
+def _parts_as_they_are(text: str) -> list[tuple[Cursors, bytes]]:
+    """Each part's own text, cut out of a body that is on one line already."""
+    parts = []
+    end = len(text)
+    at = _after_blanks(text, text.index("[") + 1)
+    while at < end and text[at] != "]":
+        part, part_end = _DECODER.raw_decode(text, at)
+        parts.append((_cursors(part["ids"]), text[at:part_end].encode("utf-8")))
+        at = _after_blanks(text, part_end)
+        if at < end and text[at] == ",":
+            at = _after_blanks(text, at + 1)
+    return parts
+
+
+def _after_blanks(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t":
+        at += 1
+    return at
+
+
+def _parts_made_one_line(body: bytes) -> list[tuple[Cursors, bytes]]:
+    """Each part as the same JSON on one line (an event's data cannot hold a line break)."""
+    parts = []
+    # Decimals keep the publisher's numbers exact.
+    for part in simplejson.loads(body, use_decimal=True):
+        line = simplejson.dumps(part, use_decimal=True, ensure_ascii=False, separators=(",", ":"))
+        parts.append((_cursors(part["ids"]), line.encode("utf-8")))
+    return parts
+
+
+def _cursors(ids: dict[str, str]) -> Cursors:
+    return [(channel_id, Decimal(text), text) for channel_id, text in ids.items()]
 
 
 class _Round:
@@ -110,7 +149,8 @@ class EventStream:
         self._texts = texts
         self._wake = Event()
         self._backlog = bytearray()
-        self._taken_at = time.monotonic()
+        self._taken_at = self._written_at = time.monotonic()
+        self._ticked = False
         self._received = 0
         self._reader = None
         self._writer = None
@@ -143,6 +183,11 @@ class EventStream:
         self._reader = loop.io(fileno, _READ)
         self._writer = loop.io(fileno, _WRITE)
         self._reader.start(self._readable)
+        # One repeating timer per stream, not one per wait: it looks for
+        # idleness and stuck backlogs (see _idle).
+        tick = min(self._config.STREAM_PING_INTERVAL, self._config.WRITE_TIMEOUT)
+        ticker = loop.timer(tick, tick)
+        ticker.start(self._tick)
         current: _Round | None = None
         try:
             self._write(head)
@@ -156,26 +201,27 @@ class EventStream:
                     added, self._added = self._added, {}
                     self._tell_cuts(added)
                 if current is None and not self._cursors:
-                    self._wake.wait(self._patience())    # nothing to listen to yet
-                    self._wake.clear()
+                    self._wait()    # nothing to listen to yet
                     continue
                 if current is None:
                     current = _Round(dict(self._cursors), self)
                     body = self._state.listen(current)
                     if body is not None:
                         taken, current = current, None
+                        # Messages came faster than the stream took them: some may have
+                        # left the queue before it came back. (A cut told before moved
+                        # the cursors past it, so none is told twice.)
+                        self._tell_cuts(taken.cursors)
                         self._take(body, taken)
                         continue
-                woke = self._wake.wait(self._patience())
-                self._wake.clear()
+                self._wait()
                 if self.closed is None and current.body is not None:
                     taken, current = current, None
                     self._take(taken.body, taken)
-                elif self.closed is None and not woke:
-                    self._idle()
         finally:
             if current is not None:
                 self._state.unlisten(current)
+            ticker.close()
             self._reader.close()
             self._writer.close()
         return self.closed
@@ -196,10 +242,11 @@ class EventStream:
                 if self._cursors.get(channel_id) is None and cursor is not None:
                     self._cursors[channel_id], self._texts[channel_id] = cursor, str(cursor)
         events = []
+        cursors, texts = self._cursors, self._texts
         for ids, line in parse_parts(body):
-            for channel_id, text in ids.items():
-                if channel_id in self._cursors:
-                    self._cursors[channel_id], self._texts[channel_id] = Decimal(text), text
+            for channel_id, cursor, text in ids:
+                if channel_id in cursors:
+                    cursors[channel_id], texts[channel_id] = cursor, text
             events.append(self._frame(line))
         data = b"".join(events)
         if self._backlog and len(self._backlog) + len(data) > self._config.STREAM_MAX_BACKLOG:
@@ -218,23 +265,35 @@ class EventStream:
         return ",".join(f"{text}:{channel_id}" for channel_id, text in self._texts.items()
                         if text is not None).encode()
 
-    def _idle(self) -> None:
-        """Nothing came within the patience: a keep-alive comment, or the backlog's deadline."""
-        if not self._backlog:
-            self._write(self._keep_alive())
-        elif time.monotonic() - self._taken_at >= self._config.WRITE_TIMEOUT:
-            self.close(f"nothing taken within WRITE_TIMEOUT ({self._config.WRITE_TIMEOUT:g} s)")
+    def _wait(self) -> None:
+        """Sleep until woken; on a tick of the timer, look for idleness first."""
+        self._wake.wait()
+        self._wake.clear()
+        if self._ticked:
+            self._ticked = False
+            if self.closed is None:
+                self._idle()
 
-    def _patience(self) -> float:
-        if self._backlog:
-            return min(self._config.STREAM_PING_INTERVAL, self._config.WRITE_TIMEOUT)
-        return self._config.STREAM_PING_INTERVAL
+    def _tick(self) -> None:
+        self._ticked = True
+        self._wake.set()
+
+    def _idle(self) -> None:
+        """A keep-alive comment after STREAM_PING_INTERVAL with nothing written,
+        or the end of a backlog nothing of was taken within WRITE_TIMEOUT."""
+        now = time.monotonic()
+        if not self._backlog:
+            if now - self._written_at >= self._config.STREAM_PING_INTERVAL:
+                self._write(self._keep_alive())
+        elif now - self._taken_at >= self._config.WRITE_TIMEOUT:
+            self.close(f"nothing taken within WRITE_TIMEOUT ({self._config.WRITE_TIMEOUT:g} s)")
 
     # -- the socket --------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
+        self._written_at = now = time.monotonic()
         if not self._backlog:
-            self._taken_at = time.monotonic()
+            self._taken_at = now
         self._backlog += data
         self._flush()
 

@@ -76,8 +76,16 @@ class SocketStream(EventStream):
 
     # -- out -----------------------------------------------------------------------
 
+    # The last part framed: every socket woken by one publish sends the same
+    # frame (a server's frames are not masked, and no extension is agreed).
+    _framed_line: bytes | None = None
+    _framed: bytes = b""
+
     def _frame(self, line: bytes) -> bytes:
-        return self._ws.send(TextMessage(data=line.decode("utf-8")))
+        if line is not SocketStream._framed_line:
+            SocketStream._framed = self._ws.send(TextMessage(data=line.decode("utf-8")))
+            SocketStream._framed_line = line
+        return SocketStream._framed
 
     def _keep_alive(self) -> bytes:
         return self._ws.send(Ping())

@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+from decimal import Decimal
 
+import gevent
 import pytest
+
+from realplexor.channels import MemoryChannels
+from realplexor.config import validate
+from realplexor.server import channel_settings
+from realplexor.streams import EventStream, parse_parts
 
 from conftest import TIMEOUT, parse_response, read_to_eof, start_server, write_config
 
@@ -249,3 +257,46 @@ def test_a_slow_reader_is_closed_past_its_backlog_and_resumes_by_cursor(server_f
         again.close()
     # MAX_DATA_FOR_ID (30) kept the newest: either the very next one, or a cut before it.
     assert reset_or_next.get("reset") or reset_or_next["data"][:3] == f"{len(numbers):03d}"
+
+
+def test_a_stream_outrun_by_publishes_is_told_of_what_left_the_queue_meanwhile():
+    """Five publishes before the stream's greenlet runs again, with room for two:
+    it gets the first, then a cut up to the third, then the last two."""
+    config = validate({"MAX_DATA_FOR_ID": 2})
+    state = MemoryChannels(channel_settings(config))
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    stream = EventStream(ours, state, config, {"a": None}, {"a": None})
+    runner = gevent.spawn(stream.run, b"")
+    deadline = time.monotonic() + TIMEOUT
+    while state.listener_count() == 0 and time.monotonic() < deadline:
+        gevent.sleep(0.001)
+    # No yield between the publishes: the stream cannot take them one by one.
+    cursors = [state.publish([("a", None, None)], b"%d" % n)[0][1] for n in range(1, 6)]
+    received = b""
+    while received.count(b"\n\n") < 4 and time.monotonic() < deadline:
+        gevent.sleep(0.005)
+        try:
+            received += theirs.recv(65536)
+        except BlockingIOError:
+            pass
+    stream.close("done")
+    runner.join(TIMEOUT)
+    ours.close()
+    theirs.close()
+    parts = [json.loads(line[len(b"data: "):]) for line in received.splitlines() if line.startswith(b"data: ")]
+    assert parts == [{"ids": {"a": cursors[0]}, "data": 1},
+                     {"ids": {"a": cursors[2]}, "reset": True},
+                     {"ids": {"a": cursors[3]}, "data": 4},
+                     {"ids": {"a": cursors[4]}, "data": 5}]
+
+
+def test_parts_keep_their_text_and_lose_only_line_breaks():
+    one_line = b'[{"ids":{"a":"1.5","b":"2"},"data":{"x":1.10,"s":"],["}}, {"ids":{"a":"3"},"data":[]}]'
+    assert parse_parts(one_line) == [
+        ([("a", Decimal("1.5"), "1.5"), ("b", Decimal("2"), "2")], b'{"ids":{"a":"1.5","b":"2"},"data":{"x":1.10,"s":"],["}}'),
+        ([("a", Decimal("3"), "3")], b'{"ids":{"a":"3"},"data":[]}')]
+    broken = b'[{"ids": {"a": "1"},\n "data": {\r\n"x": 1.10}}]'
+    assert parse_parts(broken) == [([("a", Decimal("1"), "1")], b'{"ids":{"a":"1"},"data":{"x":1.10}}')]
+    assert parse_parts(b"[]") == []
