@@ -8,8 +8,12 @@ long as its client stays, in rounds:
 Each round registers a fresh :class:`_Round` with the channel state,
 exactly as a long poll would, so ONLINE, WATCH, limiters and history
 are the long poll's. The fan-out hands over the long-poll body it
-rendered; it is parsed back once per body (every stream woken by one
-publish gets the same bytes) into parts kept as one-line JSON texts.
+rendered; it is cut into parts once per body (every stream woken by one
+publish gets the same bytes), each part's own text when the body is on
+one line already. On the memory store the answer is written and the next
+round registered right there, with no switch to the stream's greenlet;
+on a store that may block, the greenlet does it, and a stream that comes
+back after the queue dropped messages it had not taken is told of the cut.
 An event is ``id: CURSOR:ID,...`` (every listened channel's cursor
 after it, as an identifier) and ``data: PART``; a browser sends the id
 back as ``Last-Event-ID`` when it reconnects.
@@ -123,17 +127,15 @@ def _cursors(ids: dict[str, str]) -> Cursors:
 class _Round:
     """One round of a stream as the channel state sees it: a listener delivered once."""
 
-    __slots__ = ("cursors", "body", "stream")
+    __slots__ = ("cursors", "stream")
 
     def __init__(self, cursors: dict[str, Decimal | None], stream: "EventStream"):
         self.cursors = cursors
-        self.body: bytes | None = None
         self.stream = stream
 
     def deliver(self, body: bytes) -> None:
-        """Keep the body and wake the stream's greenlet."""
-        self.body = body
-        self.stream.wake()
+        """Hand the body to the stream."""
+        self.stream.delivered(self, body)
 
 
 class EventStream:
@@ -151,6 +153,9 @@ class EventStream:
         self._backlog = bytearray()
         self._taken_at = self._written_at = time.monotonic()
         self._ticked = False
+        # The round registered with the channel state, and an answer left for the greenlet.
+        self._round: _Round | None = None
+        self._answer: tuple[bytes, _Round] | None = None
         self._received = 0
         self._reader = None
         self._writer = None
@@ -163,6 +168,20 @@ class EventStream:
     def wake(self) -> None:
         """Make the stream's greenlet look at its state."""
         self._wake.set()
+
+    def delivered(self, done: _Round, body: bytes) -> None:
+        """The fan-out's answer to a round: written at once, and the next round
+        registered, with no switch to the stream's greenlet (which does it
+        instead when the state may block, or the listened channels changed)."""
+        self._round = None
+        if self.closed is not None:
+            return
+        if self._restart or self._state.blocking:
+            self._answer = (body, done)
+            self._wake.set()
+            return
+        self._take(body, done)
+        self._listen()
 
     def resubscribe(self, added: dict[str, Decimal | None]) -> None:
         """The listened channels changed: the round starts again (``added``: new ones, to tell of cuts)."""
@@ -188,43 +207,45 @@ class EventStream:
         tick = min(self._config.STREAM_PING_INTERVAL, self._config.WRITE_TIMEOUT)
         ticker = loop.timer(tick, tick)
         ticker.start(self._tick)
-        current: _Round | None = None
         try:
             self._write(head)
             self._tell_cuts(self._cursors)
             while self.closed is None:
                 if self._restart:
                     self._restart = False
-                    if current is not None:
-                        self._state.unlisten(current)
-                        current = None
+                    if self._round is not None:
+                        self._state.unlisten(self._round)
+                        self._round = None
                     added, self._added = self._added, {}
                     self._tell_cuts(added)
-                if current is None and not self._cursors:
-                    self._wait()    # nothing to listen to yet
-                    continue
-                if current is None:
-                    current = _Round(dict(self._cursors), self)
-                    body = self._state.listen(current)
-                    if body is not None:
-                        taken, current = current, None
-                        # Messages came faster than the stream took them: some may have
-                        # left the queue before it came back. (A cut told before moved
-                        # the cursors past it, so none is told twice.)
-                        self._tell_cuts(taken.cursors)
-                        self._take(body, taken)
-                        continue
+                if self._answer is not None:
+                    (body, done), self._answer = self._answer, None
+                    self._take(body, done)
+                self._listen()
                 self._wait()
-                if self.closed is None and current.body is not None:
-                    taken, current = current, None
-                    self._take(taken.body, taken)
         finally:
-            if current is not None:
-                self._state.unlisten(current)
+            if self._round is not None:
+                self._state.unlisten(self._round)
+                self._round = None
             ticker.close()
             self._reader.close()
             self._writer.close()
         return self.closed
+
+    def _listen(self) -> None:
+        """Register the next round; what is queued already is taken at once."""
+        while self.closed is None and self._round is None and self._answer is None and self._cursors:
+            # Set first: on a shared store the round may be answered while it registers.
+            listening = self._round = _Round(dict(self._cursors), self)
+            body = self._state.listen(listening)
+            if body is None:
+                return
+            self._round = None
+            # Messages came faster than the stream took them: some may have
+            # left the queue before it came back. (A cut told before moved
+            # the cursors past it, so none is told twice.)
+            self._tell_cuts(listening.cursors)
+            self._take(body, listening)
 
     # -- events ----------------------------------------------------------------------
 

@@ -259,11 +259,16 @@ def test_a_slow_reader_is_closed_past_its_backlog_and_resumes_by_cursor(server_f
     assert reset_or_next.get("reset") or reset_or_next["data"][:3] == f"{len(numbers):03d}"
 
 
-def test_a_stream_outrun_by_publishes_is_told_of_what_left_the_queue_meanwhile():
-    """Five publishes before the stream's greenlet runs again, with room for two:
-    it gets the first, then a cut up to the third, then the last two."""
-    config = validate({"MAX_DATA_FOR_ID": 2})
-    state = MemoryChannels(channel_settings(config))
+class SharedLikeChannels(MemoryChannels):
+    """The memory state flagged as one that may block, as a shared store's is:
+    a stream takes its answers in its own greenlet."""
+
+    blocking = True
+
+
+def burst_into_one_stream(state: MemoryChannels, config) -> tuple[list[dict], list[str]]:
+    """Five publishes with no yield between them to a stream of channel ``a``:
+    the parts the stream sent, and the five cursors."""
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.setblocking(False)
@@ -272,7 +277,6 @@ def test_a_stream_outrun_by_publishes_is_told_of_what_left_the_queue_meanwhile()
     deadline = time.monotonic() + TIMEOUT
     while state.listener_count() == 0 and time.monotonic() < deadline:
         gevent.sleep(0.001)
-    # No yield between the publishes: the stream cannot take them one by one.
     cursors = [state.publish([("a", None, None)], b"%d" % n)[0][1] for n in range(1, 6)]
     received = b""
     while received.count(b"\n\n") < 4 and time.monotonic() < deadline:
@@ -281,11 +285,30 @@ def test_a_stream_outrun_by_publishes_is_told_of_what_left_the_queue_meanwhile()
             received += theirs.recv(65536)
         except BlockingIOError:
             pass
+    gevent.sleep(0.05)
+    try:
+        received += theirs.recv(65536)
+    except BlockingIOError:
+        pass
     stream.close("done")
     runner.join(TIMEOUT)
     ours.close()
     theirs.close()
     parts = [json.loads(line[len(b"data: "):]) for line in received.splitlines() if line.startswith(b"data: ")]
+    return parts, cursors
+
+
+def test_a_stream_takes_every_publish_of_a_burst_as_it_comes():
+    config = validate({"MAX_DATA_FOR_ID": 2})
+    parts, cursors = burst_into_one_stream(MemoryChannels(channel_settings(config)), config)
+    assert parts == [{"ids": {"a": cursor}, "data": n} for n, cursor in enumerate(cursors, 1)]
+
+
+def test_a_stream_outrun_by_publishes_is_told_of_what_left_the_queue_meanwhile():
+    """On a state that may block the stream catches up in its greenlet: with room
+    for two, it gets the first, then a cut up to the third, then the last two."""
+    config = validate({"MAX_DATA_FOR_ID": 2})
+    parts, cursors = burst_into_one_stream(SharedLikeChannels(channel_settings(config)), config)
     assert parts == [{"ids": {"a": cursors[0]}, "data": 1},
                      {"ids": {"a": cursors[2]}, "reset": True},
                      {"ids": {"a": cursors[3]}, "data": 4},
