@@ -344,7 +344,8 @@ class Listener:
             raise RealplexorError(f"poll of Realplexor at {where} failed: {exc}") from exc
         if ended:
             return reply
-        if _STATUS_RE.match(reply.partition(b"\r\n")[0].decode("latin-1")) is None:
+        status = _STATUS_RE.match(reply.partition(b"\r\n")[0].decode("latin-1"))
+        if status is None or status.group(1) != "200":
             raise RealplexorError(f"no answer from Realplexor at {where} within {self.timeout:g} s")
         # The server answers a poll's status line at once, then waits: nothing new came.
         return None

@@ -530,15 +530,16 @@ def test_listener_without_a_server_names_the_address():
         Listener("a", "127.0.0.1", port, timeout=5).poll()
 
 
-@pytest.mark.parametrize("reply, message", [
-    (b"", "no answer from Realplexor"),
-    (b"HTTP/1.0 200 OK\r\n\r\n \r\n[{\"ids\"", "not JSON"),
-    (b"HTTP/1.0 200 OK\r\n\r\n {\"ids\": {\"a\": \"1\"}}", "not a list of parts"),
-    (b"HTTP/1.0 200 OK\r\n\r\n [{\"ids\": {\"a\": 1.5}}]", "not a list of parts"),
-    (b"HTTP/1.0 400 Bad Request\r\n\r\nempty identifier list\n", "^empty identifier list$"),
-], ids=["silent", "cut short", "not a list", "number cursor", "refused"])
-def test_listener_raises_for_a_bad_answer(fake_wait_line, reply, message):
-    fake = fake_wait_line(reply, close=bool(reply))
+@pytest.mark.parametrize("reply, close, message", [
+    (b"", False, "no answer from Realplexor at 127.0.0.1:.* within 0.5 s"),
+    (b"HTTP/1.0 503 Service Unavailable\r\n\r\nbusy", False, "no answer from Realplexor"),
+    (b"HTTP/1.0 200 OK\r\n\r\n \r\n[{\"ids\"", True, "not JSON"),
+    (b"HTTP/1.0 200 OK\r\n\r\n {\"ids\": {\"a\": \"1\"}}", True, "not a list of parts"),
+    (b"HTTP/1.0 200 OK\r\n\r\n [{\"ids\": {\"a\": 1.5}}]", True, "not a list of parts"),
+    (b"HTTP/1.0 400 Bad Request\r\n\r\nempty identifier list\n", True, "^empty identifier list$"),
+], ids=["silent", "unfinished refusal", "cut short", "not a list", "number cursor", "refused"])
+def test_listener_raises_for_a_bad_answer(fake_wait_line, reply, close, message):
+    fake = fake_wait_line(reply, close)
     with pytest.raises(RealplexorError, match=message):
         Listener("a", "127.0.0.1", fake.port, timeout=0.5).poll()
 
