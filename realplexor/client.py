@@ -1,6 +1,6 @@
-"""A client of Realplexor's IN line, for Python back ends.
+"""Python clients of Realplexor: the IN line (publish, query) and the WAIT line (listen).
 
-    from realplexor.client import Realplexor
+    from realplexor.client import Listener, Realplexor
 
     rpl = Realplexor("127.0.0.1", 10010, namespace="demo_")
     rpl.send(["Alpha", "Beta"], {"text": "hello"})
@@ -11,10 +11,16 @@
     rpl.watch(0)                  # [WatchEvent("FAKE", 12, "FAKE")]: start from 12
     rpl.watch(12)                 # [WatchEvent("online", 13, "Alpha"), ...]
 
+    listener = Listener({"Alpha": cursor, "Beta": None}, "127.0.0.1", 8088, namespace="demo_")
+    for part in listener.poll():  # one long poll: [Part(ids, data, reset), ...]
+        ...                       # part.reset: messages up to part.ids[id] were lost
+    listener.cursors              # {"Alpha": "1732486800.5", ...}: the next poll resumes there
+
 Each request is one TCP connection (TLS on port 443), so one client
-object may be shared by threads. It uses the standard ``socket`` module
-looked up at call time: after ``gevent.monkey.patch_all()`` it is
-cooperative, or pass ``connect=gevent.socket.create_connection``.
+object may be shared by threads (a listener, which keeps cursors, may
+not). It uses the standard ``socket`` module looked up at call time:
+after ``gevent.monkey.patch_all()`` it is cooperative, or pass
+``connect=gevent.socket.create_connection``.
 
 This module needs nothing but the standard library (simplejson is used
 when installed), so it can be copied alone into a back end.
@@ -24,6 +30,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl as _ssl
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable, Iterable, Mapping, Union
@@ -33,7 +40,7 @@ try:
 except ImportError:  # pragma: no cover - simplejson is installed with the server
     import json as _json  # type: ignore[no-redef]
 
-__all__ = ["Realplexor", "RealplexorError", "WatchEvent"]
+__all__ = ["Listener", "Part", "Realplexor", "RealplexorError", "WatchEvent"]
 
 #: A cursor as the server sends it (a decimal string), or a small integer.
 Cursor = Union[str, int, Decimal]
@@ -51,6 +58,8 @@ _STATUS_RE = re.compile(r"HTTP/\d+\.\d+ +(\d{3})(?: +(.*))?\Z")
 _WATCH_LINE_RE = re.compile(r"(\w+)\s+(\d+):(\S+)\Z")
 _ONLINE_LINE_RE = re.compile(r"(\S+)\s+(\d+)\Z")
 _RECV_SIZE = 65536
+#: A cursor this close to now (in seconds) is the server's clock, not a publisher's own number.
+_SERVER_CURSOR_AGE = 86400
 
 
 class RealplexorError(Exception):
@@ -184,10 +193,7 @@ class Realplexor:
         return self._request("", b"STATS\n")
 
     def _channel_id(self, channel: str) -> str:
-        full = self.namespace + str(channel)
-        if not isinstance(channel, (str, int)) or not _ID_RE.match(full):
-            raise ValueError(f"invalid channel id {full!r}: use letters, digits and _ only")
-        return full
+        return _full_id(self.namespace, channel)
 
     def _prefixes(self, prefixes: str | Iterable[str] | None) -> list[str]:
         given = _as_list(prefixes)
@@ -203,9 +209,7 @@ class Realplexor:
         return result
 
     def _strip(self, channel: str) -> str:
-        if self.namespace and channel.startswith(self.namespace):
-            return channel[len(self.namespace):]
-        return channel
+        return _strip_namespace(self.namespace, channel)
 
     def _command_lines(self, command: str) -> list[str]:
         body = self._request("", (command + "\n").encode("ascii"))
@@ -236,17 +240,151 @@ class Realplexor:
         return _reply_body(reply, where)
 
     def _open(self) -> socket.socket:
-        connect = self._connect or socket.create_connection
-        sock = connect((self.host, self.port), self.timeout)
-        sock.settimeout(self.timeout)
-        if self._ssl_context is not None or self.port == 443:
-            context = self._ssl_context or _ssl.create_default_context()
-            try:
-                sock = context.wrap_socket(sock, server_hostname=self.host)
-            except BaseException:
-                sock.close()
-                raise
-        return sock
+        return _open_connection(self.host, self.port, self.timeout, self._connect, self._ssl_context)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a WAIT-line answer.
+
+    ``ids`` maps each listened channel the part reached (namespace
+    stripped) to its cursor there. A message carries its ``data``. A
+    history cut (``reset`` True, no data) says the server dropped the
+    messages of its one channel up to that cursor before this listener
+    got them; what follows comes after it.
+    """
+
+    ids: Mapping[str, str]
+    data: Any = None
+    reset: bool = False
+
+
+class Listener:
+    """Listens to channels on a Realplexor server's WAIT line, one long poll at a time.
+
+    ``ids`` is an id, a list of ids, or a map of id to cursor (None: from
+    the first poll on). Each :meth:`poll` asks from the newest cursor seen
+    on each channel, so polls in a row neither miss nor repeat a message;
+    it asks to be told of history cuts (``reset=1``). ``timeout`` bounds
+    connecting and the wait for an answer, in seconds. ``namespace``,
+    ``identifier``, ``connect`` and ``ssl_context`` are as for
+    :class:`Realplexor`. A listener is for one thread or greenlet at a time.
+    """
+
+    def __init__(self, ids: Ids, host: str = "127.0.0.1", port: int = 8088, namespace: str = "",
+                 identifier: str = "identifier", timeout: float = 30.0, *,
+                 connect: Connect | None = None, ssl_context: _ssl.SSLContext | None = None):
+        self.host = host
+        self.port = int(port)
+        self.namespace = namespace or ""
+        self.identifier = identifier
+        self.timeout = timeout
+        self._connect = connect
+        self._ssl_context = ssl_context
+        if self.namespace and not _PREFIX_RE.match(self.namespace):
+            raise ValueError(f"invalid namespace {self.namespace!r}: use letters, digits and _ only")
+        # Full channel id -> the cursor text to ask from (None: from now).
+        self._cursors: dict[str, str | None] = {}
+        if isinstance(ids, Mapping):
+            for channel, cursor in ids.items():
+                self._cursors[_full_id(self.namespace, channel)] = None if cursor is None else _cursor_text(cursor)
+        else:
+            for channel in _as_list(ids):
+                self._cursors[_full_id(self.namespace, channel)] = None
+        if not self._cursors:
+            raise ValueError("no channel ids to listen to")
+
+    @property
+    def cursors(self) -> dict[str, str | None]:
+        """Each channel's cursor (namespace stripped), where the next poll resumes; None: from now.
+
+        Save it to resume later: ``Listener(listener.cursors, ...)``.
+        """
+        return {_strip_namespace(self.namespace, channel): cursor for channel, cursor in self._cursors.items()}
+
+    def poll(self) -> list[Part]:
+        """Wait for one answer: its parts, oldest first; [] when none came within ``timeout``.
+
+        History cuts come first and alone; the next poll brings what the
+        server still holds after them. Raises RealplexorError when the
+        server cannot be reached, refuses the poll (with its reason and
+        status) or answers something that is not a list of parts.
+        """
+        where = f"{self.host}:{self.port}"
+        reply = self._answer(where)
+        if reply is None:
+            return []
+        text = _reply_body(reply, where).strip()
+        if not text:
+            return []      # the server's WAIT_TIMEOUT passed first
+        parts = _parse_parts(text, where)
+        self._advance(parts)
+        return [Part({_strip_namespace(self.namespace, channel): cursor for channel, cursor in part["ids"].items()},
+                     part.get("data"), part.get("reset") is True) for part in parts]
+
+    def _target(self) -> str:
+        items = ",".join(channel if cursor is None else f"{cursor}:{channel}"
+                         for channel, cursor in self._cursors.items())
+        return f"/?{self.identifier}={items}&reset=1"
+
+    def _answer(self, where: str) -> bytes | None:
+        """The whole reply to one poll; None when a started answer did not end in time."""
+        # HTTP/1.0: the server answers without chunks and closes when done.
+        request = f"GET {self._target()} HTTP/1.0\r\nHost: {where}\r\n\r\n".encode("latin-1")
+        try:
+            sock = _open_connection(self.host, self.port, self.timeout, self._connect, self._ssl_context)
+        except OSError as exc:
+            raise RealplexorError(f"cannot connect to Realplexor at {where}: {exc}") from exc
+        deadline = time.monotonic() + self.timeout
+        try:
+            with sock:
+                sock.sendall(request)
+                reply, ended = _read_until(sock, deadline)
+        except OSError as exc:
+            raise RealplexorError(f"poll of Realplexor at {where} failed: {exc}") from exc
+        if ended:
+            return reply
+        status = _STATUS_RE.match(reply.partition(b"\r\n")[0].decode("latin-1"))
+        if status is None or status.group(1) != "200":
+            raise RealplexorError(f"no answer from Realplexor at {where} within {self.timeout:g} s")
+        # The server answers a poll's status line at once, then waits: nothing new came.
+        return None
+
+    def _advance(self, parts: list[dict]) -> None:
+        """Move each channel's cursor to the newest a part names for it."""
+        newest = None
+        for part in parts:
+            for channel, cursor in part["ids"].items():
+                if newest is None or Decimal(cursor) > Decimal(newest):
+                    newest = cursor
+                if channel not in self._cursors:
+                    continue
+                known = self._cursors[channel]
+                if known is None or Decimal(cursor) > Decimal(known):
+                    self._cursors[channel] = cursor
+        # A channel listening from now would miss what comes between this
+        # answer and the next poll: it listens from the answer's newest cursor
+        # when that is the server's clock (a publisher's own small cursors
+        # say nothing about other channels), as the JavaScript client does.
+        if newest is not None and Decimal(newest) > Decimal(time.time() - _SERVER_CURSOR_AGE):
+            for channel, cursor in self._cursors.items():
+                if cursor is None:
+                    self._cursors[channel] = newest
+
+
+def _open_connection(host: str, port: int, timeout: float, connect: Connect | None,
+                     ssl_context: _ssl.SSLContext | None) -> socket.socket:
+    """A connected socket with ``timeout`` set; TLS on port 443 or with ``ssl_context``."""
+    sock = (connect or socket.create_connection)((host, port), timeout)
+    sock.settimeout(timeout)
+    if ssl_context is not None or port == 443:
+        context = ssl_context or _ssl.create_default_context()
+        try:
+            sock = context.wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+    return sock
 
 
 def _as_list(value: str | Iterable[str] | None) -> list[str]:
@@ -255,6 +393,19 @@ def _as_list(value: str | Iterable[str] | None) -> list[str]:
     if isinstance(value, (str, int)):
         return [str(value)]
     return [str(v) for v in value]
+
+
+def _full_id(namespace: str, channel: str) -> str:
+    full = namespace + str(channel)
+    if not isinstance(channel, (str, int)) or not _ID_RE.match(full):
+        raise ValueError(f"invalid channel id {full!r}: use letters, digits and _ only")
+    return full
+
+
+def _strip_namespace(namespace: str, channel: str) -> str:
+    if namespace and channel.startswith(namespace):
+        return channel[len(namespace):]
+    return channel
 
 
 def _cursor_text(cursor: Cursor) -> str:
@@ -273,6 +424,41 @@ def _read_to_eof(sock: socket.socket) -> bytes:
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+def _read_until(sock: socket.socket, deadline: float) -> tuple[bytes, bool]:
+    """What the peer sends until it closes or ``deadline`` (monotonic) passes; and whether it closed."""
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b"".join(chunks), False
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(_RECV_SIZE)
+        except socket.timeout:
+            return b"".join(chunks), False
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+
+
+def _parse_parts(text: str, where: str) -> list[dict]:
+    """The parts of a WAIT answer's JSON; RealplexorError for anything else."""
+    try:
+        parts = _json.loads(text)
+    except ValueError as exc:
+        raise RealplexorError(f"bad answer from Realplexor at {where}: not JSON ({exc})", 200) from None
+    if not isinstance(parts, list) or not all(_is_part(part) for part in parts):
+        raise RealplexorError(f"bad answer from Realplexor at {where}: not a list of parts "
+                              f"{{\"ids\": {{ID: CURSOR}}, ...}}: {text[:200]!r}", 200)
+    return parts
+
+
+def _is_part(part: Any) -> bool:
+    ids = part.get("ids") if isinstance(part, dict) else None
+    return (isinstance(ids, dict) and bool(ids)
+            and all(isinstance(cursor, str) and _CURSOR_RE.match(cursor) for cursor in ids.values()))
 
 
 def _reply_body(reply: bytes, where: str) -> str:

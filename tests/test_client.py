@@ -1,11 +1,13 @@
 """The Python client (realplexor.client) against a real server.
 
 Checks what a user sees: WAIT listeners receiving the data, ONLINE/WATCH
-answers and error reasons; plus use from threads and gevent greenlets.
+answers and error reasons; plus use from threads and gevent greenlets;
+and the Listener on the WAIT line, history cuts included.
 """
 from __future__ import annotations
 
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -17,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, wait_parts
-from realplexor.client import Realplexor, RealplexorError, WatchEvent
+from conftest import ROOT, TIMEOUT, free_port, wait_parts
+from realplexor.client import Listener, Part, Realplexor, RealplexorError, WatchEvent
 
 OK = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 0\r\n\r\n"
 
@@ -397,3 +399,203 @@ def test_readme_snippet_runs_as_pasted(server):
     assert result.returncode == 0, result.stderr
     assert [p["data"] for p in wait_parts(poll.response())] == [{"text": "hello"}]
     assert "'Alpha': 0" in result.stdout
+
+
+def test_readme_listener_snippet_runs_as_pasted(server_factory):
+    small = server_factory(MAX_DATA_FOR_ID=2)
+    rpl = Realplexor("127.0.0.1", small.in_port, "demo_", timeout=10)
+    for n in range(3):
+        rpl.send("Alpha", n)
+    code = readme_snippet("python", "A back end can listen too").replace("8088", str(small.wait_port))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    lost, cursors = result.stdout.splitlines()
+    assert lost == "lost messages on Alpha"
+    assert cursors.startswith("{'Alpha': '1") and "'Beta': '1" in cursors
+
+
+# ---- Listener: the WAIT line ----
+
+def listener(server, ids, namespace: str = "", **kwargs) -> Listener:
+    kwargs.setdefault("timeout", 10)
+    return Listener(ids, "127.0.0.1", server.wait_port, namespace, **kwargs)
+
+
+def test_listener_gets_one_publish_to_several_channels_as_one_part(server, cid):
+    rpl = client(server, cid)
+    rpl.send(["Alpha", "Beta"], "before")             # a listener without cursors starts from now
+    alpha_beta = listener(server, ["Alpha", "Beta", "Gamma"], cid)
+    got = []
+    thread = threading.Thread(target=lambda: got.extend(alpha_beta.poll()))
+    thread.start()
+    server.wait_until(lambda: server.online(cid).get(f"{cid}Gamma"))
+    rpl.send(["Alpha", "Beta"], {"text": "both"})
+    thread.join(TIMEOUT)
+    assert len(got) == 1
+    (part,) = got
+    assert part.data == {"text": "both"} and part.reset is False
+    assert set(part.ids) == {"Alpha", "Beta"}
+    assert part.ids["Alpha"] == part.ids["Beta"]
+
+
+def test_listener_resumes_from_the_cursors_it_saw(server, cid):
+    rpl = client(server, cid)
+    rpl.send({"a": 1}, "one")
+    rpl.send({"a": 2, "b": 2}, "two")
+    resumed = listener(server, {"a": 0, "b": None}, cid)
+    assert [(p.data, dict(p.ids)) for p in resumed.poll()] == [("one", {"a": "1"}), ("two", {"a": "2"})]
+    assert resumed.cursors == {"a": "2", "b": None}
+    rpl.send({"a": 3}, "three")
+    assert [p.data for p in resumed.poll()] == ["three"]
+    assert resumed.cursors["a"] == "3"
+
+
+def test_listener_on_server_cursors_misses_and_repeats_nothing(server, cid):
+    rpl = client(server, cid)
+    rpl.send("a", 0)
+    first = listener(server, {"a": 0, "b": None}, cid).poll()
+    follower = listener(server, {"a": first[0].ids["a"], "b": None}, cid)
+    seen = []
+    for n in range(1, 4):
+        rpl.send("a", n)
+        rpl.send("b", -n)            # b listens from now, then from the newest cursor seen
+        while len(seen) < 2 * n:
+            seen += [part.data for part in follower.poll()]
+    assert seen[:2] == [1, -1] and sorted(seen) == [-3, -2, -1, 1, 2, 3]
+    assert follower.cursors["b"] is not None
+
+
+@pytest.mark.parametrize("engine", ["wsgi", "lean"])
+def test_listener_poll_with_nothing_new_is_empty_after_its_timeout(server_factory, cid, engine):
+    quiet = listener(server_factory(WAIT_ENGINE=engine), "nobody_sends_here", cid, timeout=0.5)
+    started = time.monotonic()
+    assert quiet.poll() == []
+    assert 0.4 < time.monotonic() - started < 3
+    assert quiet.cursors == {"nobody_sends_here": None}
+
+
+@pytest.mark.parametrize("engine", ["wsgi", "lean"])
+def test_listener_is_told_of_a_history_cut_then_gets_the_kept_messages(server_factory, cid, engine):
+    small = server_factory(MAX_DATA_FOR_ID=2, WAIT_ENGINE=engine)
+    rpl = Realplexor("127.0.0.1", small.in_port, cid, timeout=10)
+    for n in range(1, 6):
+        rpl.send({"a": n}, f"message {n}")
+    behind = listener(small, {"a": 1}, cid)
+    assert behind.poll() == [Part({"a": "3"}, None, True)]      # 2 and 3 were dropped
+    assert behind.cursors == {"a": "3"}
+    assert [(p.data, p.reset) for p in behind.poll()] == [("message 4", False), ("message 5", False)]
+
+
+def test_listener_past_the_dropped_messages_is_told_of_no_cut(server_factory, cid):
+    small = server_factory(MAX_DATA_FOR_ID=2)
+    rpl = Realplexor("127.0.0.1", small.in_port, cid, timeout=10)
+    for n in range(1, 6):
+        rpl.send({"a": n}, n)
+    assert [p.data for p in listener(small, {"a": 3}, cid).poll()] == [4, 5]
+
+
+def test_listener_adds_and_strips_the_namespace_on_the_wire(fake_wait_line):
+    fake = fake_wait_line(b'HTTP/1.0 200 OK\r\n\r\n \r\n[{"ids":{"ns_a":"1.5"},"data":[1]},'
+                          b'{"ids":{"ns_b":"7"},"reset":true}]')
+    ns = Listener({"a": "1.25", "b": None}, "127.0.0.1", fake.port, "ns_", identifier="rplid", timeout=5)
+    assert ns.poll() == [Part({"a": "1.5"}, [1]), Part({"b": "7"}, None, True)]
+    assert fake.requests == [f"GET /?rplid=1.25:ns_a,ns_b&reset=1 HTTP/1.0\r\n"
+                             f"Host: 127.0.0.1:{fake.port}\r\n\r\n".encode()]
+    assert ns.cursors == {"a": "1.5", "b": "7"}
+
+
+@pytest.mark.parametrize("ids, error, message", [
+    ([], ValueError, "no channel ids to listen to"),
+    ({}, ValueError, "no channel ids to listen to"),
+    (["bad-id"], ValueError, "invalid channel id 'bad-id'"),
+    ("a,b", ValueError, "invalid channel id 'a,b'"),
+    ({"a": "soon"}, ValueError, "invalid cursor 'soon'"),
+    ({"a": 1.5}, TypeError, "float"),
+], ids=["empty list", "empty map", "bad id", "comma in an id", "bad cursor", "float cursor"])
+def test_listener_refuses_bad_ids_before_polling(ids, error, message):
+    with pytest.raises(error, match=message):
+        Listener(ids, "127.0.0.1", free_port(), timeout=5)
+
+
+def test_listener_raises_the_servers_reason_for_a_refused_poll(server, cid):
+    many = listener(server, [f"channel_number_{n}" for n in range(400)], cid)
+    with pytest.raises(RealplexorError, match="WAIT_MAXLEN") as caught:
+        many.poll()
+    assert caught.value.status == 413
+
+
+def test_listener_without_a_server_names_the_address():
+    port = free_port()
+    with pytest.raises(RealplexorError, match=f"127.0.0.1:{port}.*refused"):
+        Listener("a", "127.0.0.1", port, timeout=5).poll()
+
+
+@pytest.mark.parametrize("reply, close, message", [
+    (b"", False, "no answer from Realplexor at 127.0.0.1:.* within 0.5 s"),
+    (b"HTTP/1.0 503 Service Unavailable\r\n\r\nbusy", False, "no answer from Realplexor"),
+    (b"HTTP/1.0 200 OK\r\n\r\n \r\n[{\"ids\"", True, "not JSON"),
+    (b"HTTP/1.0 200 OK\r\n\r\n {\"ids\": {\"a\": \"1\"}}", True, "not a list of parts"),
+    (b"HTTP/1.0 200 OK\r\n\r\n [{\"ids\": {\"a\": 1.5}}]", True, "not a list of parts"),
+    (b"HTTP/1.0 400 Bad Request\r\n\r\nempty identifier list\n", True, "^empty identifier list$"),
+], ids=["silent", "unfinished refusal", "cut short", "not a list", "number cursor", "refused"])
+def test_listener_raises_for_a_bad_answer(fake_wait_line, reply, close, message):
+    fake = fake_wait_line(reply, close)
+    with pytest.raises(RealplexorError, match=message):
+        Listener("a", "127.0.0.1", fake.port, timeout=0.5).poll()
+
+
+def test_listener_answer_begun_but_unfinished_in_time_is_nothing_new(fake_wait_line):
+    fake = fake_wait_line(b"HTTP/1.0 200 OK\r\nContent-Type: text/javascript\r\n\r\n \r\n", close=False)
+    started = time.monotonic()
+    assert Listener("a", "127.0.0.1", fake.port, timeout=0.5).poll() == []
+    assert time.monotonic() - started < 3
+
+
+class FakeWaitLine:
+    """A stand-in WAIT line: records each request's head, sends ``reply``, closes unless told not to."""
+
+    def __init__(self, reply: bytes, close: bool = True):
+        self.reply = reply
+        self.close_after = close
+        self.requests: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(TIMEOUT)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                head += chunk
+            self.requests.append(head)
+            conn.sendall(self.reply)
+            if not self.close_after:
+                conn.recv(1)         # until the client gives up
+
+    def close(self) -> None:
+        self.listener.close()
+        self._thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def fake_wait_line():
+    """Start FakeWaitLine servers: ``fake_wait_line(reply, close=True)``."""
+    started: list[FakeWaitLine] = []
+
+    def factory(reply: bytes, close: bool = True) -> FakeWaitLine:
+        fake = FakeWaitLine(reply, close)
+        started.append(fake)
+        return fake
+
+    yield factory
+    for fake in started:
+        fake.close()

@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 from conftest import BROWSER_WAIT_MS, spawn, wait_parts, write_config
-from realplexor.client import Realplexor
+from realplexor.client import Listener, Realplexor
 from realplexor.demo.app import Sandbox, SandboxServer
 from realplexor.demo.messages import BadInput, parse_post
 from realplexor.demo.online import OnlineList
@@ -429,3 +429,58 @@ def test_the_page_shows_how_it_listens(demo, open_page):
     transport = page.get_attribute("#connection", "data-transport")
     assert transport in ("websocket", "eventsource", "longpoll")
     assert transport in page.text_content("#connection")
+
+
+def channel_entries(page, channel: str) -> list[tuple[str, str]]:
+    """A channel's list, newest first: ("message", text) or ("cut", cursor) per entry."""
+    entries = page.eval_on_selector_all(
+        f'.channel[data-id="{channel}"] .messages > li',
+        """items => items.map(item => item.hasAttribute('data-reset')
+            ? ['cut', item.getAttribute('data-reset')]
+            : ['message', item.querySelector('.message-body').innerText])""")
+    return [tuple(entry) for entry in entries]
+
+
+def test_a_history_cut_shows_a_notice_then_the_latest_messages(server_factory, open_page):
+    demo = Demo(server_factory(OFFLINE_TIMEOUT=1, WAIT_TIMEOUT=30, MAX_DATA_FOR_ID=2))
+    try:
+        page = open_page(demo.url + "?ids=Alpha")
+        demo.wait_listeners("Alpha", 1)
+        demo.client.send("Alpha", "before")
+        wait_messages(page, "Alpha", 1)
+
+        # The page goes away: every poll it starts fails until the route is lifted.
+        refused = []
+
+        def refuse(route):
+            refused.append(route.request.url)
+            route.abort()
+
+        def is_poll(url: str) -> bool:
+            return "identifier=" in url and "identifier=SCRIPT" not in url
+
+        page.route(is_poll, refuse)
+        demo.client.send("Alpha", "m1")      # ends the poll in flight, if it got past the route
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while not refused:
+            assert time.monotonic() < deadline, "the page never polled again"
+            page.wait_for_timeout(50)
+        for n in range(2, 6):
+            demo.client.send("Alpha", f"m{n}")   # MAX_DATA_FOR_ID 2: m4 and m5 are kept
+        (told,) = Listener({"Alpha": 0}, "127.0.0.1", demo.server.wait_port, NAMESPACE, timeout=5).poll()
+        assert told.reset
+        page.unroute(is_poll, refuse)
+
+        page.wait_for_selector('.channel[data-id="Alpha"] .history-cut[data-reset]', timeout=WAIT_MS)
+        notice = page.text_content('.channel[data-id="Alpha"] .history-cut')
+        assert notice.startswith("Some messages on Alpha were lost while this page was away")
+        page.wait_for_function(
+            """document.querySelector('.channel[data-id="Alpha"] .messages > li .message-body')
+                 ?.innerText === 'm5'""", timeout=WAIT_MS)
+        entries = channel_entries(page, "Alpha")
+        assert entries[:3] == [("message", "m5"), ("message", "m4"), ("cut", told.ids["Alpha"])]
+        assert entries[-1] == ("message", "before")
+        assert ("message", "m2") not in entries and ("message", "m3") not in entries
+        assert page.errors == []
+    finally:
+        demo.close()

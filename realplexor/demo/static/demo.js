@@ -118,11 +118,35 @@
     var cursorNode = element("div", "message-cursor", cursor);
     cursorNode.title = "cursor: this message's position in the channel";
     item.appendChild(cursorNode);
-    channel.list.insertBefore(item, channel.list.firstChild);
-    while (channel.list.children.length > MAX_MESSAGES) channel.list.removeChild(channel.list.lastChild);
+    prepend(channel, item);
     channel.pane.classList.remove("fresh");
     void channel.pane.offsetWidth;   // restart the highlight animation
     channel.pane.classList.add("fresh");
+  }
+
+  // Put a notice or message on top of a channel's list, keeping the list short.
+  function prepend(channel, item) {
+    channel.list.insertBefore(item, channel.list.firstChild);
+    while (channel.list.children.length > MAX_MESSAGES) channel.list.removeChild(channel.list.lastChild);
+  }
+
+  // The server dropped messages of a channel before this page got them (it
+  // keeps only the latest MAX_DATA_FOR_ID). The client asks again from the
+  // cut, so what the server still holds comes next, above the notice.
+  function showCut(name, cursor) {
+    if (name === settings.onlineId) {
+      loadOnline();   // the whole list again, as at start
+      return;
+    }
+    var channel = open[name];
+    if (!channel) return;
+    var notice = element("li", "history-cut",
+      "Some messages on " + name + " were lost while this page was away; "
+      + "the latest the server kept appear above.");
+    notice.setAttribute("data-reset", cursor);
+    notice.setAttribute("role", "status");
+    notice.title = "messages up to cursor " + cursor + " were dropped";
+    prepend(channel, notice);
   }
 
   function addChannel(name) {
@@ -216,14 +240,19 @@
     $("online-empty").hidden = names.length > 0;
   }
 
+  // The current list from the back end: at start, and after changes were lost.
+  function loadOnline() {
+    fetch("/api/online", { cache: "no-store" })
+      .then(function (response) { return response.json(); })
+      .then(showOnline, function () { /* the channel brings the next change */ });
+  }
+
   function followOnline() {
     realplexor.subscribe(settings.onlineId, function (data, id, cursor) {
       showOnline(data);
     });
-    // The current list once; later changes come through the channel above.
-    fetch("/api/online", { cache: "no-store" })
-      .then(function (response) { return response.json(); })
-      .then(showOnline, function () { /* the channel brings the next change */ });
+    // Later changes come through the channel above.
+    loadOnline();
   }
 
   // ---- the Post pane ----
@@ -299,6 +328,7 @@
     var ids = initialIds();
     ids.forEach(addChannel);
     followOnline();
+    realplexor.onReset(showCut);
     realplexor.execute();
     channelsChanged();
     $("post-ids").value = ids.join(",");
