@@ -18,8 +18,10 @@ An event is ``id: CURSOR:ID,...`` (every listened channel's cursor
 after it, as an identifier) and ``data: PART``; a browser sends the id
 back as ``Last-Event-ID`` when it reconnects.
 
-Writing never blocks: what the socket does not take at once waits in the
-stream's backlog and goes out when the socket is writable. An answer that
+Writing never blocks: what a stream writes during a turn of the event
+loop goes out in one send when the turn ends (messages published in one
+turn share it), and what the socket does not take waits in the stream's
+backlog and goes out when the socket is writable. An answer that
 finds more than STREAM_MAX_BACKLOG bytes still waiting closes the stream
 (the first answer always goes, however large), as does a backlog that
 nothing of is taken within WRITE_TIMEOUT; the client resumes by cursor.
@@ -54,9 +56,6 @@ _KEEP_ALIVE = b": keep-alive\n\n"
 
 # Reads a part to find where it ends; its numbers are not kept, so floats do.
 _DECODER = simplejson.JSONDecoder()
-# The last body parsed and its parts: a publish wakes every stream with the same bytes.
-_parsed_for: bytes | None = None
-_parsed: list = []
 
 
 def render_cuts(cuts: list[tuple[str, str]]) -> bytes:
@@ -76,18 +75,39 @@ def cuts_or_none(state: ChannelState, cursors: dict[str, Decimal | None]) -> lis
 Cursors = list[tuple[str, Decimal, str]]
 
 
+class _LastBody:
+    """The last body cut into parts, and what streams of one channel send for it:
+    a publish hands every stream it wakes the same bytes."""
+
+    __slots__ = ("body", "parts", "sent")
+
+    def __init__(self) -> None:
+        self.body: bytes | None = None
+        self.parts: list[tuple[Cursors, bytes]] = []
+        # (channel id, stream class) -> (the events' bytes, the channel's cursor after them, its text)
+        self.sent: dict[tuple[str, type], tuple[bytes, Decimal, str]] = {}
+
+    def parts_of(self, body: bytes) -> list[tuple[Cursors, bytes]]:
+        if body is not self.body:
+            self.parts = _cut_into_parts(body)
+            self.body = body
+            self.sent = {}
+        return self.parts
+
+
+_last_body = _LastBody()
+
+
 def parse_parts(body: bytes) -> list[tuple[Cursors, bytes]]:
     """A long-poll body's parts: each part's ids with their cursors (as numbers and
     as texts), and the part as one line of JSON."""
-    global _parsed_for, _parsed
-    if body is _parsed_for:
-        return _parsed
+    return _last_body.parts_of(body)
+
+
+def _cut_into_parts(body: bytes) -> list[tuple[Cursors, bytes]]:
     if b"\n" in body or b"\r" in body:
-        parts = _parts_made_one_line(body)
-    else:
-        parts = _parts_as_they_are(body.decode("utf-8"))
-    _parsed_for, _parsed = body, parts
-    return parts
+        return _parts_made_one_line(body)
+    return _parts_as_they_are(body.decode("utf-8"))
 
 
 def _parts_as_they_are(text: str) -> list[tuple[Cursors, bytes]]:
@@ -124,6 +144,33 @@ def _cursors(ids: dict[str, str]) -> Cursors:
     return [(channel_id, Decimal(text), text) for channel_id, text in ids.items()]
 
 
+class _TurnEnd:
+    """The streams with bytes to send, sent together when the loop's turn ends
+    (one callback for them all): the messages published in one turn leave in
+    one send per stream."""
+
+    __slots__ = ("due",)
+
+    def __init__(self) -> None:
+        self.due: list[EventStream] = []
+
+    def add(self, stream: "EventStream", loop) -> None:
+        if not self.due:
+            loop.run_callback(self._send_all)
+        self.due.append(stream)
+
+    def _send_all(self) -> None:
+        due, self.due = self.due, []
+        for stream in due:
+            try:
+                stream.flush_at_turn_end()
+            except Exception:  # noqa: BLE001 - one stream's fault must not hold the others' bytes
+                log.exception("stream flush failed")
+
+
+_turn_end = _TurnEnd()
+
+
 class _Round:
     """One round of a stream as the channel state sees it: a listener delivered once."""
 
@@ -152,6 +199,12 @@ class EventStream:
         self._wake = Event()
         self._backlog = bytearray()
         self._taken_at = self._written_at = time.monotonic()
+        # Bytes written wait for the end of the loop's turn, so that messages
+        # published in one turn leave in one send; "refused" once a send
+        # left some of the backlog unsent.
+        self._flush_due = False
+        self._refused = False
+        self._loop = None
         self._ticked = False
         # The round registered with the channel state, and an answer left for the greenlet.
         self._round: _Round | None = None
@@ -197,7 +250,7 @@ class EventStream:
 
     def run(self, head: bytes) -> str:
         """Send ``head``, then events until the stream closes; why it closed."""
-        loop = get_hub().loop
+        loop = self._loop = get_hub().loop
         fileno = self._sock.fileno()
         self._reader = loop.io(fileno, _READ)
         self._writer = loop.io(fileno, _WRITE)
@@ -227,6 +280,11 @@ class EventStream:
             if self._round is not None:
                 self._state.unlisten(self._round)
                 self._round = None
+            if self._flush_due:
+                # The last words (a WebSocket's close frame) before the engine closes the socket.
+                self._flush_due = False
+                self._flush()
+            self._loop = None
             ticker.close()
             self._reader.close()
             self._writer.close()
@@ -262,22 +320,50 @@ class EventStream:
             for channel_id, cursor in done.cursors.items():
                 if self._cursors.get(channel_id) is None and cursor is not None:
                     self._cursors[channel_id], self._texts[channel_id] = cursor, str(cursor)
-        events = []
         cursors, texts = self._cursors, self._texts
-        for ids, line in parse_parts(body):
-            for channel_id, cursor, text in ids:
-                if channel_id in cursors:
-                    cursors[channel_id], texts[channel_id] = cursor, text
-            events.append(self._frame(line))
-        data = b"".join(events)
-        if self._backlog and len(self._backlog) + len(data) > self._config.STREAM_MAX_BACKLOG:
+        sent = self._one_channel_events(body) if len(cursors) == 1 else None
+        if sent is not None:
+            data, cursor, text = sent
+            for channel_id in cursors:
+                cursors[channel_id], texts[channel_id] = cursor, text
+        else:
+            events = []
+            for ids, line in parse_parts(body):
+                for channel_id, cursor, text in ids:
+                    if channel_id in cursors:
+                        cursors[channel_id], texts[channel_id] = cursor, text
+                events.append(self._frame(line))
+            data = b"".join(events)
+        if self._refused and len(self._backlog) + len(data) > self._config.STREAM_MAX_BACKLOG:
             self.close(f"more than STREAM_MAX_BACKLOG ({self._config.STREAM_MAX_BACKLOG} bytes) not taken")
             return
         self._write(data)
 
-    def _frame(self, line: bytes) -> bytes:
+    def _one_channel_events(self, body: bytes) -> tuple[bytes, Decimal, str] | None:
+        """What a stream of one channel sends for ``body``, made once for all such
+        streams of the channel: the events, and the channel's cursor after them."""
+        parts = parse_parts(body)
+        for channel_id in self._cursors:
+            key = (channel_id, type(self))
+            sent = _last_body.sent.get(key)
+            if sent is None:
+                events, cursor, text = [], None, None
+                for ids, line in parts:
+                    for part_channel_id, cursor, text in ids:
+                        if part_channel_id == channel_id:
+                            break
+                    else:
+                        return None     # not a part of this channel: the general way
+                    events.append(self._frame(line, f"{text}:{channel_id}".encode()))
+                if cursor is None:
+                    return None
+                sent = _last_body.sent[key] = (b"".join(events), cursor, text)
+            return sent
+        return None
+
+    def _frame(self, line: bytes, event_id: bytes | None = None) -> bytes:
         """One part as it goes out: an event whose id is every cursor after it."""
-        return b"id: %s\ndata: %s\n\n" % (self._event_id(), line)
+        return b"id: %s\ndata: %s\n\n" % (event_id or self._event_id(), line)
 
     def _keep_alive(self) -> bytes:
         return _KEEP_ALIVE
@@ -312,11 +398,21 @@ class EventStream:
     # -- the socket --------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
+        if self._loop is None:
+            return      # the stream has ended: its socket is the engine's again
         self._written_at = now = time.monotonic()
         if not self._backlog:
             self._taken_at = now
         self._backlog += data
-        self._flush()
+        if not self._flush_due and not self._refused:
+            self._flush_due = True
+            _turn_end.add(self, self._loop)
+
+    def flush_at_turn_end(self) -> None:
+        """Send what was written during the loop's turn (see _TurnEnd)."""
+        if self._flush_due:
+            self._flush_due = False
+            self._flush()
 
     def _flush(self) -> None:
         """Send what the socket takes now; the rest when it is writable (a loop callback)."""
@@ -331,6 +427,7 @@ class EventStream:
         if sent:
             del self._backlog[:sent]
             self._taken_at = time.monotonic()
+        self._refused = bool(self._backlog)
         if self._backlog and self.closed is None:
             if not self._writer.active:
                 self._writer.start(self._flush)

@@ -81,7 +81,7 @@ class SocketStream(EventStream):
     _framed_line: bytes | None = None
     _framed: bytes = b""
 
-    def _frame(self, line: bytes) -> bytes:
+    def _frame(self, line: bytes, event_id: bytes | None = None) -> bytes:
         if line is not SocketStream._framed_line:
             SocketStream._framed = self._ws.send(TextMessage(data=line.decode("utf-8")))
             SocketStream._framed_line = line
