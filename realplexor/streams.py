@@ -18,10 +18,10 @@ An event is ``id: CURSOR:ID,...`` (every listened channel's cursor
 after it, as an identifier) and ``data: PART``; a browser sends the id
 back as ``Last-Event-ID`` when it reconnects.
 
-Writing never blocks: what a stream writes during a turn of the event
-loop goes out in one send when the turn ends (messages published in one
-turn share it), and what the socket does not take waits in the stream's
-backlog and goes out when the socket is writable. An answer that
+Writing never blocks: a quiet stream sends at once; a flooded one (written
+to in this turn of the event loop or the one before) sends what it got
+during the turn in one send when the turn ends; what the socket does not take waits
+in the stream's backlog and goes out when the socket is writable. An answer that
 finds more than STREAM_MAX_BACKLOG bytes still waiting closes the stream
 (the first answer always goes, however large), as does a backlog that
 nothing of is taken within WRITE_TIMEOUT; the client resumes by cursor.
@@ -204,6 +204,7 @@ class EventStream:
         # left some of the backlog unsent.
         self._flush_due = False
         self._refused = False
+        self._written_in_turn = -2
         self._loop = None
         self._ticked = False
         # The round registered with the channel state, and an answer left for the greenlet.
@@ -400,13 +401,36 @@ class EventStream:
     def _write(self, data: bytes) -> None:
         if self._loop is None:
             return      # the stream has ended: its socket is the engine's again
-        self._written_at = now = time.monotonic()
+        now = time.monotonic()
+        self._written_at = now
+        turn = self._loop.iteration
+        flooded = turn - self._written_in_turn <= 1
+        self._written_in_turn = turn
         if not self._backlog:
+            if not flooded:
+                self._send_now(data, now)
+                return
             self._taken_at = now
         self._backlog += data
         if not self._flush_due and not self._refused:
             self._flush_due = True
             _turn_end.add(self, self._loop)
+
+    def _send_now(self, data: bytes, now: float) -> None:
+        """A stream that was quiet sends at once: a lone message waits for nothing."""
+        self._taken_at = now
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close("client gone")
+            return
+        if sent < len(data):
+            self._backlog += data[sent:]
+            self._refused = True
+            if self.closed is None and not self._writer.active:
+                self._writer.start(self._flush)
 
     def flush_at_turn_end(self) -> None:
         """Send what was written during the loop's turn (see _TurnEnd)."""

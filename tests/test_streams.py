@@ -304,6 +304,37 @@ def test_a_stream_takes_every_publish_of_a_burst_as_it_comes():
     assert parts == [{"ids": {"a": cursor}, "data": n} for n, cursor in enumerate(cursors, 1)]
 
 
+def test_a_lone_message_is_on_the_wire_when_its_publish_returns_and_a_burst_by_the_turns_end():
+    """On the memory store a quiet stream writes as the publish is made; more
+    publishes in the same turn of the loop are there when it ends."""
+    config = validate({})
+    state = MemoryChannels(channel_settings(config))
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.settimeout(TIMEOUT)
+    stream = EventStream(ours, state, config, {"a": None}, {"a": None})
+    runner = gevent.spawn(stream.run, b"")
+    deadline = time.monotonic() + TIMEOUT
+    while state.listener_count() == 0 and time.monotonic() < deadline:
+        gevent.sleep(0.001)
+    quiet_since = gevent.get_hub().loop.iteration
+    while gevent.get_hub().loop.iteration < quiet_since + 3 and time.monotonic() < deadline:
+        gevent.sleep(0.001)     # a few turns with nothing written: the stream is quiet
+    try:
+        state.publish([("a", None, None)], b'"lone"')
+        assert b'"data":"lone"' in theirs.recv(65536)     # no yield to the loop since the publish
+        state.publish([("a", None, None)], b'"second"')
+        state.publish([("a", None, None)], b'"third"')
+        gevent.sleep(0)
+        burst = theirs.recv(65536)
+        assert b'"data":"second"' in burst and b'"data":"third"' in burst
+    finally:
+        stream.close("done")
+        runner.join(TIMEOUT)
+        ours.close()
+        theirs.close()
+
+
 def test_a_stream_outrun_by_publishes_is_told_of_what_left_the_queue_meanwhile():
     """On a state that may block the stream catches up in its greenlet: with room
     for two, it gets the first, then a cut up to the third, then the last two."""
