@@ -462,6 +462,16 @@ class CometClients:
                 raise RuntimeError(f"only {len(mine)} bodies of round {round_}")
             time.sleep(0.02)
 
+    def fewest_received(self) -> int:
+        """The fewest distinct messages any one subscriber has received so far."""
+        self.status("w")
+        got: dict[int, set[int]] = {index: set() for index in range(self.n_expected)}
+        with open(self._records.name, "rb") as fh:
+            data = fh.read()
+        for index, msg, _ in struct.iter_unpack("<IIq", data[:len(data) // 16 * 16]):
+            got[index].add(msg)
+        return min(len(msgs) for msgs in got.values())
+
     def close(self) -> None:
         try:
             self.process.stdin.close()
@@ -839,13 +849,17 @@ def rate(kind: str, n: int, seconds: float, publishers: int, transport: str = "p
         stop.set()
         for thread in threads:
             thread.join(10)
+        fewest = None
         if CLIENTS == "c":
             published[0] = threads[0].ok * seconds / (seconds + 1)
+            if fan_out:
+                time.sleep(2)   # what is still on its way
+                fewest = {"fewest_received": clients.fewest_received(), "of_published": threads[0].ok}
         closed = clients.status()["closed"] if isinstance(clients, StreamClients) else 0
         return {"kind": kind, "transport": transport, "fan_out": fan_out, "n": n,
                 "delivered_per_s": delivered / seconds,
                 "published_per_s": sum(published) / seconds,
-                "server_cpu_share": cpu / seconds, "streams_closed": closed}
+                "server_cpu_share": cpu / seconds, "streams_closed": closed, **(fewest or {})}
     finally:
         if clients:
             clients.close()
@@ -938,6 +952,9 @@ def main() -> None:
                 continue
             out["rate"].append(result)
             closed = f", {result['streams_closed']} streams closed" if result["streams_closed"] else ""
+            if "fewest_received" in result:
+                closed += (f"; every subscriber got at least {result['fewest_received']} "
+                           f"of the {result['of_published']} published")
             print(f"{'fan-out' if fan_out else 'rate':8} {kind:11} {transport:5} n={n:6}  "
                   f"{result['delivered_per_s']:8.0f} delivered/s  ({result['published_per_s']:.0f} published/s, "
                   f"server CPU {result['server_cpu_share']:.0%}{closed})", flush=True)
