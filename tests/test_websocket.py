@@ -24,8 +24,12 @@ def server(request, server_factory):
 class Client:
     """A WebSocket client on a raw socket: the handshake by hand, frames by wsproto."""
 
-    def __init__(self, port: int, query: str = "", headers: str = ""):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    def __init__(self, port: int, query: str = "", headers: str = "", rcvbuf: int | None = None):
+        self.sock = socket.socket()
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall((f"GET /?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n").encode())
@@ -157,3 +161,40 @@ def test_websockets_can_be_refused(server_factory, cid):
                       "Sec-WebSocket-Version: 13\r\n\r\n").encode())
         sock.settimeout(TIMEOUT)
         assert parse_response(sock.recv(65536)).status == 406
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_slow_reader_is_closed_past_its_backlog_and_resumes_by_cursor(server_factory, cid, engine):
+    server = server_factory(WAIT_ENGINE=engine, STREAM_TRANSPORTS=["websocket"], STREAM_MAX_BACKLOG=65536)
+    slow = Client(server.wait_port, f"identifier={cid}a", rcvbuf=4096)
+    try:
+        server.wait_until(lambda: server.online().get(f"{cid}a", 0) >= 1)
+        chunk = "x" * 50000
+        for n in range(200):
+            server.publish(f"{cid}a", f'"{n:03d}{chunk}"')
+            if server.online(cid).get(f"{cid}a", 0) == 0:
+                break     # the socket was closed and left its channel
+        else:
+            pytest.fail("a WebSocket that read nothing was never closed")
+        parts, text = [], ""
+        while True:
+            event = slow.event()
+            if not isinstance(event, TextMessage):
+                break     # the end of what the server had sent (a message cut short is not kept)
+            text += event.data
+            if event.message_finished:
+                parts.append(json.loads(text))
+                text = ""
+    finally:
+        slow.close()
+    numbers = [int(part["data"][:3]) for part in parts]
+    assert numbers == list(range(len(numbers)))     # what came is a prefix, in order
+    last = parts[-1]["ids"][f"{cid}a"]
+    again = Client(server.wait_port)
+    try:
+        again.send({"subscribe": {f"{cid}a": last}})
+        reset_or_next = again.part()
+    finally:
+        again.close()
+    # MAX_DATA_FOR_ID (30) kept the newest: either the very next one, or a cut before it.
+    assert reset_or_next.get("reset") or reset_or_next["data"][:3] == f"{len(numbers):03d}"
