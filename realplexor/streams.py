@@ -234,8 +234,12 @@ class EventStream:
             self._answer = (body, done)
             self._wake.set()
             return
-        self._take(body, done)
-        self._listen()
+        try:
+            self._take(body, done)
+            self._listen()
+        except Exception:  # noqa: BLE001 - a fault of this stream must not reach the publisher or the others
+            log.exception("event stream failed; closing it")
+            self.close("server error")
 
     def resubscribe(self, added: dict[str, Decimal | None]) -> None:
         """The listened channels changed: the round starts again (``added``: new ones, to tell of cuts)."""

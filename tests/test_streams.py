@@ -354,3 +354,35 @@ def test_parts_keep_their_text_and_lose_only_line_breaks():
     broken = b'[{"ids": {"a": "1"},\n "data": {\r\n"x": 1.10}}]'
     assert parse_parts(broken) == [([("a", Decimal("1"), "1")], b'{"ids":{"a":"1"},"data":{"x":1.10}}')]
     assert parse_parts(b"[]") == []
+
+
+def test_a_stream_that_fails_on_delivery_is_closed_and_nobody_else_notices(caplog):
+    config = validate({})
+    state = MemoryChannels(channel_settings(config))
+    pairs = [socket.socketpair() for _ in range(2)]
+    for ours, theirs in pairs:
+        ours.setblocking(False)
+        theirs.settimeout(TIMEOUT)
+    broken, sound = (EventStream(ours, state, config, {"a": None}, {"a": None}) for ours, _ in pairs)
+
+    def fault(*_args):
+        raise RuntimeError("a fault of this stream")
+
+    broken._take = fault
+    runners = [gevent.spawn(stream.run, b"") for stream in (broken, sound)]
+    deadline = time.monotonic() + TIMEOUT
+    while state.listener_count() < 2 and time.monotonic() < deadline:
+        gevent.sleep(0.001)
+    try:
+        assert state.publish([("a", None, None)], b'"hello"')
+        gevent.sleep(0.01)
+        assert b'"data":"hello"' in pairs[1][1].recv(65536)
+        gevent.joinall(runners[:1], timeout=TIMEOUT)
+        assert broken.closed == "server error" and sound.closed is None
+        assert "event stream failed" in caplog.text
+    finally:
+        sound.close("done")
+        gevent.joinall(runners, timeout=TIMEOUT)
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
