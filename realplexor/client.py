@@ -58,8 +58,11 @@ _STATUS_RE = re.compile(r"HTTP/\d+\.\d+ +(\d{3})(?: +(.*))?\Z")
 _WATCH_LINE_RE = re.compile(r"(\w+)\s+(\d+):(\S+)\Z")
 _ONLINE_LINE_RE = re.compile(r"(\S+)\s+(\d+)\Z")
 _RECV_SIZE = 65536
-#: A cursor this close to now (in seconds) is the server's clock, not a publisher's own number.
-_SERVER_CURSOR_AGE = 86400
+#: How far (in seconds) the server's clock may be behind this host's: a "from now"
+#: channel takes an answer's cursor as its own only if it is not older than the poll.
+_CLOCK_SKEW = 60
+#: Longer poll targets go as POST bodies, as the JavaScript client sends them.
+_MAX_GET_TARGET = 1500
 
 
 class RealplexorError(Exception):
@@ -311,6 +314,7 @@ class Listener:
         status) or answers something that is not a list of parts.
         """
         where = f"{self.host}:{self.port}"
+        started = time.time()
         reply = self._answer(where)
         if reply is None:
             return []
@@ -318,19 +322,26 @@ class Listener:
         if not text:
             return []      # the server's WAIT_TIMEOUT passed first
         parts = _parse_parts(text, where)
-        self._advance(parts)
+        self._advance(parts, started)
         return [Part({_strip_namespace(self.namespace, channel): cursor for channel, cursor in part["ids"].items()},
                      part.get("data"), part.get("reset") is True) for part in parts]
 
-    def _target(self) -> str:
+    def _poll_request(self, where: str) -> bytes:
+        """The poll's request: a GET, or a POST when the ids make a long URL (as the widget does)."""
         items = ",".join(channel if cursor is None else f"{cursor}:{channel}"
                          for channel, cursor in self._cursors.items())
-        return f"/?{self.identifier}={items}&reset=1"
+        target = f"/?{self.identifier}={items}&reset=1"
+        if len(target) <= _MAX_GET_TARGET:
+            return f"GET {target} HTTP/1.0\r\nHost: {where}\r\n\r\n".encode("latin-1")
+        body = f"{self.identifier}={items}\n".encode("latin-1")
+        return (f"POST /?reset=1 HTTP/1.0\r\nHost: {where}\r\n"
+                f"Content-Type: application/x-www-form-urlencoded\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
 
     def _answer(self, where: str) -> bytes | None:
         """The whole reply to one poll; None when a started answer did not end in time."""
         # HTTP/1.0: the server answers without chunks and closes when done.
-        request = f"GET {self._target()} HTTP/1.0\r\nHost: {where}\r\n\r\n".encode("latin-1")
+        request = self._poll_request(where)
         try:
             sock = _open_connection(self.host, self.port, self.timeout, self._connect, self._ssl_context)
         except OSError as exc:
@@ -350,12 +361,13 @@ class Listener:
         # The server answers a poll's status line at once, then waits: nothing new came.
         return None
 
-    def _advance(self, parts: list[dict]) -> None:
+    def _advance(self, parts: list[dict], started: float) -> None:
         """Move each channel's cursor to the newest a part names for it."""
         newest = None
         for part in parts:
             for channel, cursor in part["ids"].items():
-                if newest is None or Decimal(cursor) > Decimal(newest):
+                # A cut's cursor is of a message dropped long ago, perhaps.
+                if part.get("reset") is not True and (newest is None or Decimal(cursor) > Decimal(newest)):
                     newest = cursor
                 if channel not in self._cursors:
                     continue
@@ -364,9 +376,10 @@ class Listener:
                     self._cursors[channel] = cursor
         # A channel listening from now would miss what comes between this
         # answer and the next poll: it listens from the answer's newest cursor
-        # when that is the server's clock (a publisher's own small cursors
-        # say nothing about other channels), as the JavaScript client does.
-        if newest is not None and Decimal(newest) > Decimal(time.time() - _SERVER_CURSOR_AGE):
+        # when that is the server's clock at about the time of the poll (not
+        # history replayed on another channel, nor a publisher's own small
+        # cursors, which say nothing about other channels).
+        if newest is not None and Decimal(newest) > Decimal(started - _CLOCK_SKEW):
             for channel, cursor in self._cursors.items():
                 if cursor is None:
                     self._cursors[channel] = newest

@@ -23,7 +23,9 @@ class Listener(Protocol):
     from; the state fills in None cursors with "now" on registration.
     ``deliver`` is called exactly once, after the listener has been
     removed from all of its channels, with the rendered body; it must not
-    block (it wakes a greenlet or writes to a non-blocking socket).
+    block (it wakes a greenlet or writes to a non-blocking socket). A
+    listener with a true ``tells_cuts`` attribute (a stream) is told of
+    history cuts in answers a shared store reads for it.
     """
 
     cursors: dict[str, Decimal]

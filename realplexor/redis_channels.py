@@ -29,7 +29,7 @@ import gevent
 from .channels import ChannelState, StateCounts
 from .cursors import CursorClock
 from .fanout import FanOut, Listener
-from .protocol import render_wait_body
+from .protocol import render_reset_parts, render_wait_body
 from .redis_feed import Feed
 from .redis_store import Notice, RedisStore, connect
 from .store import Message, Settings, StoreDown
@@ -143,8 +143,14 @@ class RedisChannels(ChannelState):
                 for channel_id, top in newest.items():
                     self._learn(channel_id, top, mark)
                 if parts:
+                    body = render_wait_body(parts)
+                    if getattr(listener, "tells_cuts", False):
+                        body = _with_cuts(self._store.dropped_after(asked), body)
+                    if listener not in self._catching_up:
+                        self._let_go(cursors)
+                        return     # gone meanwhile
                     self._catching_up.discard(listener)
-                    listener.deliver(render_wait_body(parts))
+                    listener.deliver(body)
                     self._let_go(cursors)
                     return
                 if all(self._known.get(channel_id, (None, 0))[1] <= mark for channel_id in cursors):
@@ -330,3 +336,9 @@ def _net(changes: list[str]) -> list[str]:
         balance[change[1:]] = balance.get(change[1:], 0) + (1 if change[0] == "+" else -1)
     return [("+" if net > 0 else "-") + channel_id for channel_id, net in balance.items() if net]
 
+
+def _with_cuts(cuts: list[tuple[str, str]], body: bytes) -> bytes:
+    """A body of parts with the reset parts of ``cuts`` before them."""
+    if not cuts:
+        return body
+    return b"[" + b",".join(render_reset_parts(cuts)) + b"," + body[1:]

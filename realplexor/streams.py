@@ -19,8 +19,8 @@ after it, as an identifier) and ``data: PART``; a browser sends the id
 back as ``Last-Event-ID`` when it reconnects.
 
 Writing never blocks: a quiet stream sends at once; a flooded one (written
-to in this turn of the event loop or the one before) sends what it got
-during the turn in one send when the turn ends; what the socket does not take waits
+to already in this turn of the event loop, or in the one before within
+FLOOD_GAP) sends what it got during the turn in one send when the turn ends; what the socket does not take waits
 in the stream's backlog and goes out when the socket is writable. An answer that
 finds more than STREAM_MAX_BACKLOG bytes still waiting closes the stream
 (the first answer always goes, however large), as does a backlog that
@@ -53,6 +53,8 @@ _READ_SIZE = 4096
 # Bytes a client may send on its event stream (it should send none).
 MAX_STREAM_INPUT = 4096
 _KEEP_ALIVE = b": keep-alive\n\n"
+# Seconds within which a write in the loop's previous turn still counts as a flood.
+FLOOD_GAP = 0.05
 
 # Reads a part to find where it ends; its numbers are not kept, so floats do.
 _DECODER = simplejson.JSONDecoder()
@@ -175,6 +177,8 @@ class _Round:
     """One round of a stream as the channel state sees it: a listener delivered once."""
 
     __slots__ = ("cursors", "stream")
+    # A shared store puts history cuts before the messages it reads for a round.
+    tells_cuts = True
 
     def __init__(self, cursors: dict[str, Decimal | None], stream: "EventStream"):
         self.cursors = cursors
@@ -285,7 +289,7 @@ class EventStream:
             if self._round is not None:
                 self._state.unlisten(self._round)
                 self._round = None
-            if self._flush_due:
+            if self._backlog:
                 # The last words (a WebSocket's close frame) before the engine closes the socket.
                 self._flush_due = False
                 self._flush()
@@ -308,7 +312,8 @@ class EventStream:
             # left the queue before it came back. (A cut told before moved
             # the cursors past it, so none is told twice.)
             self._tell_cuts(listening.cursors)
-            self._take(body, listening)
+            if self.closed is None:
+                self._take(body, listening)
 
     # -- events ----------------------------------------------------------------------
 
@@ -321,9 +326,10 @@ class EventStream:
     def _take(self, body: bytes, done: _Round | None) -> None:
         """Turn an answer into events and write them; the cursors move on past it."""
         if done is not None:
-            # "From now" cursors were set when the round was registered.
+            # "From now" cursors were set when the round was registered (for
+            # channels still listened: a WebSocket may have left some since).
             for channel_id, cursor in done.cursors.items():
-                if self._cursors.get(channel_id) is None and cursor is not None:
+                if cursor is not None and channel_id in self._cursors and self._cursors[channel_id] is None:
                     self._cursors[channel_id], self._texts[channel_id] = cursor, str(cursor)
         cursors, texts = self._cursors, self._texts
         sent = self._one_channel_events(body) if len(cursors) == 1 else None
@@ -334,11 +340,16 @@ class EventStream:
         else:
             events = []
             for ids, line in parse_parts(body):
+                listened = False
                 for channel_id, cursor, text in ids:
                     if channel_id in cursors:
                         cursors[channel_id], texts[channel_id] = cursor, text
-                events.append(self._frame(line))
+                        listened = True
+                if listened:     # not a part of channels a WebSocket has left since
+                    events.append(self._frame(line))
             data = b"".join(events)
+            if not data:
+                return
         if self._refused and len(self._backlog) + len(data) > self._config.STREAM_MAX_BACKLOG:
             self.close(f"more than STREAM_MAX_BACKLOG ({self._config.STREAM_MAX_BACKLOG} bytes) not taken")
             return
@@ -406,10 +417,16 @@ class EventStream:
         if self._loop is None:
             return      # the stream has ended: its socket is the engine's again
         now = time.monotonic()
+        # Flooded: written to already in this turn of the loop, or in the one
+        # before and lately (an idle loop turns only when something happens).
+        turn = getattr(self._loop, "iteration", None)     # a libev loop counts its turns
+        if turn is None:
+            flooded = False
+        else:
+            turns = turn - self._written_in_turn
+            flooded = turns == 0 or (turns == 1 and now - self._written_at < FLOOD_GAP)
+            self._written_in_turn = turn
         self._written_at = now
-        turn = self._loop.iteration
-        flooded = turn - self._written_in_turn <= 1
-        self._written_in_turn = turn
         if not self._backlog:
             if not flooded:
                 self._send_now(data, now)

@@ -411,7 +411,8 @@ def test_readme_listener_snippet_runs_as_pasted(server_factory):
     assert result.returncode == 0, result.stderr
     lost, cursors = result.stdout.splitlines()
     assert lost == "lost messages on Alpha"
-    assert cursors.startswith("{'Alpha': '1") and "'Beta': '1" in cursors
+    # Only a cut came: Beta still listens from now, not from Alpha's dropped message.
+    assert cursors.startswith("{'Alpha': '1") and "'Beta': None" in cursors
 
 
 # ---- Listener: the WAIT line ----
@@ -436,6 +437,25 @@ def test_listener_gets_one_publish_to_several_channels_as_one_part(server, cid):
     assert part.data == {"text": "both"} and part.reset is False
     assert set(part.ids) == {"Alpha", "Beta"}
     assert part.ids["Alpha"] == part.ids["Beta"]
+
+
+def test_listener_from_now_is_not_moved_back_by_history_replayed_on_another_channel(server, cid):
+    rpl = client(server, cid)
+    hour_ago = int(time.time()) - 3600
+    rpl.send({"Alpha": hour_ago}, "old on alpha")
+    rpl.send({"Beta": hour_ago + 10}, "old on beta")       # before the listener existed
+    old_and_new = listener(server, {"Alpha": hour_ago - 100, "Beta": None}, cid, timeout=1)
+    assert [part.data for part in old_and_new.poll()] == ["old on alpha"]
+    assert old_and_new.cursors["Beta"] is None
+    assert old_and_new.poll() == []
+
+
+def test_listener_of_many_channels_polls_by_post_and_gets_its_message(server, cid):
+    rpl = client(server, cid)
+    many = {f"ch{n}": "1700000000.000000001" for n in range(60)}     # a target past 1500 characters
+    rpl.send("ch59", "to the last of them")
+    got = listener(server, many, cid).poll()
+    assert [(part.data, list(part.ids)) for part in got] == [("to the last of them", ["ch59"])]
 
 
 def test_listener_resumes_from_the_cursors_it_saw(server, cid):

@@ -289,3 +289,60 @@ def test_an_event_stream_on_one_process_hears_the_other_and_resumes_on_it(server
         assert again.event()[1]["data"] == "while away"
     finally:
         again.close()
+
+
+def test_an_event_stream_that_comes_back_behind_the_shared_queue_is_told_of_the_cut(redis_server, cid):
+    """Five publishes while the stream's greenlet is held up after the first, with
+    room for two in Redis: it gets the first, then a cut up to the third, then the last two."""
+    import socket
+
+    import gevent
+
+    from realplexor.config import validate
+    from realplexor.redis_channels import RedisChannels
+    from realplexor.server import channel_settings
+    from realplexor.streams import EventStream
+
+    class HeldUp(EventStream):
+        """A stream whose greenlet is busy elsewhere for a while after its first message."""
+
+        taken = 0
+
+        def _take(self, body, done):
+            super()._take(body, done)
+            HeldUp.taken += 1
+            if HeldUp.taken == 1:
+                gevent.sleep(0.5)
+
+    config = validate({"MAX_DATA_FOR_ID": 2})
+    state = RedisChannels(channel_settings(config), redis_server.url)
+    state.start()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    channel = f"{cid}a"
+    stream = HeldUp(ours, state, config, {channel: None}, {channel: None})
+    runner = gevent.spawn(stream.run, b"")
+    received = b""
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while state.listener_count() == 0 and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        cursors = [state.publish([(channel, None, None)], b"%d" % n)[0][1] for n in range(1, 6)]
+        while received.count(b"\n\n") < 4 and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+            try:
+                received += theirs.recv(65536)
+            except BlockingIOError:
+                pass
+    finally:
+        stream.close("done")
+        runner.join(TIMEOUT)
+        state.stop()
+        ours.close()
+        theirs.close()
+    parts = [json.loads(line[len(b"data: "):]) for line in received.splitlines() if line.startswith(b"data: ")]
+    assert parts == [{"ids": {channel: cursors[0]}, "data": 1},
+                     {"ids": {channel: cursors[2]}, "reset": True},
+                     {"ids": {channel: cursors[3]}, "data": 4},
+                     {"ids": {channel: cursors[4]}, "data": 5}]

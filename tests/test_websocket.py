@@ -198,3 +198,49 @@ def test_a_slow_reader_is_closed_past_its_backlog_and_resumes_by_cursor(server_f
         again.close()
     # MAX_DATA_FOR_ID (30) kept the newest: either the very next one, or a cut before it.
     assert reset_or_next.get("reset") or reset_or_next["data"][:3] == f"{len(numbers):03d}"
+
+
+def test_a_publish_racing_an_unsubscribe_is_not_sent_and_the_channel_stays_left():
+    """An unsubscribe read, then a publish to that channel before the socket's
+    greenlet runs again: the message is not sent, and later ones neither."""
+    import time
+
+    import gevent
+
+    from realplexor.channels import MemoryChannels
+    from realplexor.config import validate
+    from realplexor.server import channel_settings
+    from realplexor.websocket import SocketStream
+
+    config = validate({})
+    state = MemoryChannels(channel_settings(config))
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    stream = SocketStream(ours, state, config, {"a": None, "b": None}, {"a": None, "b": None})
+    runner = gevent.spawn(stream.run, b"")
+    deadline = time.monotonic() + TIMEOUT
+    while state.listener_count() == 0 and time.monotonic() < deadline:
+        gevent.sleep(0.001)
+    client = Connection(ConnectionType.CLIENT)
+    received = []
+    try:
+        stream._command('{"unsubscribe": ["b"]}')      # as its reader does with such a message
+        state.publish([("b", None, None)], b'"raced"')
+        gevent.sleep(0.05)
+        state.publish([("b", None, None)], b'"later"')
+        state.publish([("a", None, None)], b'"on a"')
+        while not received and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+            try:
+                client.receive_data(theirs.recv(65536))
+            except BlockingIOError:
+                continue
+            received += [json.loads(event.data)["data"] for event in client.events()
+                         if isinstance(event, TextMessage)]
+    finally:
+        stream.close("done")
+        runner.join(TIMEOUT)
+        ours.close()
+        theirs.close()
+    assert received == ["on a"]
