@@ -497,7 +497,8 @@
         var id = wireId.slice(prefix.length);
         var entry = Object.prototype.hasOwnProperty.call(this._map, id) ? this._map[id] : null;
         var cursor = String(part.ids[wireId]);
-        if (isCursor(cursor) && (newest === null || compareCursors(cursor, newest) > 0)) newest = cursor;
+        // A cut's cursor is of a message dropped perhaps long ago: not "now".
+        if (!reset && isCursor(cursor) && (newest === null || compareCursors(cursor, newest) > 0)) newest = cursor;
         if (!entry || !isCursor(cursor)) continue;
         if (entry.cursor != null && isCursor(entry.cursor) && compareCursors(cursor, entry.cursor) <= 0) continue;
         entry.cursor = cursor;

@@ -59,15 +59,19 @@ def test_a_refused_event_stream_falls_back_to_long_polling(page, site, server_fa
 @pytest.mark.parametrize("transports", [STREAMS, []], ids=["eventsource", "long-poll"])
 def test_a_history_cut_reaches_the_page(page, site, server_factory, cid, transports):
     server = server_factory(STREAM_TRANSPORTS=transports, MAX_DATA_FOR_ID=2)
-    cursors = [server.publish(f"{cid}a", f'"{n}"') for n in range(4)]
-    assert len(cursors) == 4
+    for n in range(4):
+        server.publish(f"{cid}a", f'"{n}"')
+        if n == 1:   # after what the cut will name: b, listened from now, must not get it
+            server.publish(f"{cid}b", '"old b"')
     open_with_server_script(page, site, server)
     page.evaluate(f"""window.resets = [];
         window.rpl = new Dklab_Realplexor({wait_url(server.wait_port)!r});
         rpl.onReset(function (id, cursor) {{ resets.push([id, cursor, received.length]); }})
-           .setCursor("{cid}a", "0").subscribe("{cid}a", recorder("a")).execute()""")
+           .setCursor("{cid}a", "0").subscribe("{cid}a", recorder("a"))
+           .subscribe("{cid}b", recorder("b")).execute()""")
     got = received(page, 2)
-    assert [r["data"] for r in got] == ["2", "3"]
+    page.wait_for_timeout(300)
+    assert [r["data"] for r in received(page)] == ["2", "3"]
     resets = page.evaluate("resets")
     assert len(resets) == 1 and resets[0][0] == f"{cid}a" and resets[0][2] == 0
     assert resets[0][1] < got[0]["cursor"]
