@@ -53,6 +53,7 @@
   var MAX_GET_URL = 1500;       // longer URLs go as POST bodies
   var FIRST_RETRY_DELAY = 0.1;  // seconds; doubled for each failure in a row
   var MAX_RETRY_DELAY = 5;      // seconds; the longest wait between failing polls
+  var SOCKET_OPEN_MS = 10000;     // a WebSocket not open by then is given up for the next transport
   var SERVER_CURSOR_AGE = 86400; // seconds: a cursor this close to now is the server's clock
   var WATCHDOG_MARGIN = 30;     // seconds past WAIT_TIMEOUT before a silent poll is dropped
 
@@ -240,6 +241,7 @@
     var request = this._request;
     this._request = null;
     if (request && request.socket) {
+      clearTimeout(request.watchdog);
       request.socket.close();
     } else if (request && request.source) {
       request.source.close();
@@ -320,8 +322,19 @@
     }
     this._request = request;
     debug("websocket", identifier);
+    // A proxy that drops the upgrade hands the server a plain poll, and the
+    // handshake waits for nothing: give it up for the next transport.
+    request.watchdog = setTimeout(function () {
+      if (self._request !== request || request.opened) return;
+      debug("websocket did not open in time, trying the next transport");
+      self._request = null;
+      self._socketRefused = true;
+      try { request.socket.close(); } catch (error) { /* closing anyway */ }
+      self._schedule(0);
+    }, SOCKET_OPEN_MS);
     request.socket.onopen = function () {
       if (self._request !== request) return;
+      clearTimeout(request.watchdog);
       request.opened = true;
       self._failures = 0;
       self._resubscribe(request);
@@ -333,6 +346,7 @@
     };
     request.socket.onclose = function () {
       if (self._request !== request) return;
+      clearTimeout(request.watchdog);
       self._request = null;
       if (!request.opened) {
         debug("websocket refused, trying the next transport");

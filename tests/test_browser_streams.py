@@ -5,6 +5,9 @@ The harness and fixtures are the long-poll browser tests' (tests/test_browser.py
 """
 from __future__ import annotations
 
+import socket
+import threading
+
 import pytest
 
 from test_browser import (open_page, open_with_server_script, page, received, requests, site,  # noqa: F401
@@ -115,3 +118,82 @@ def test_a_refused_websocket_falls_back_to_the_event_stream(page, site, server_f
     server.publish(f"{cid}a", '"streamed"')
     assert [r["data"] for r in received(page, 1)] == ["streamed"]
     assert len(sockets) == 1 and requests(page) == []
+
+
+class UpgradeDroppingProxy:
+    """A TCP proxy that drops a request's Upgrade header, as a misconfigured
+    reverse proxy does: a WebSocket handshake reaches the server as a plain poll."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return     # closed
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        client.settimeout(60)
+        with client, socket.create_connection(("127.0.0.1", self.upstream_port), timeout=60) as upstream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            head, _, rest = head.partition(b"\r\n\r\n")
+            lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"upgrade:")]
+            lines = [b"Connection: keep-alive" if line.lower().startswith(b"connection:") else line
+                     for line in lines]
+            upstream.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + rest)
+            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+            self._pipe(client, upstream)
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while True:
+                chunk = source.recv(65536)
+                if not chunk:
+                    break
+                target.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+
+
+def test_a_websocket_that_never_opens_is_given_up_for_the_event_stream(page, site, server_factory, cid):
+    server = server_factory(STREAM_TRANSPORTS=SOCKETS)
+    proxy = UpgradeDroppingProxy(server.wait_port)
+    sockets = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    try:
+        open_with_server_script(page, site, server)
+        page.evaluate(f"""window.rpl = new Dklab_Realplexor({wait_url(proxy.port)!r});
+            rpl.subscribe("{cid}a", recorder("a")).execute()""")
+        page.wait_for_function("rpl.transport() === 'eventsource'", timeout=20000)
+        wait_listening(server, f"{cid}a")
+        server.publish(f"{cid}a", '"after the fall-back"')
+        assert [r["data"] for r in received(page, 1)] == ["after the fall-back"]
+        assert len(sockets) == 1 and requests(page) == []
+    finally:
+        proxy.close()
