@@ -89,8 +89,8 @@ class Lines(Protocol):
     def connection_counts(self) -> Iterable[tuple[str, str, str, int]]:
         """Open connections: ``(line, engine, transport, count)``."""
 
-    def listener_labels(self) -> tuple[str, str, str]:
-        """``(line, engine, transport)`` of the state's waiting listeners."""
+    def listener_counts(self, listeners: int) -> Iterable[tuple[str, str, str, int]]:
+        """The state's ``listeners`` waiting now: ``(line, engine, transport, count)``."""
 
 
 class ServerCollector:
@@ -111,8 +111,10 @@ class ServerCollector:
             connections.add_metric([line, engine, transport], count)
         yield connections
         waiting = GaugeMetricFamily("realplexor_waiting_listeners",
-                                    "Requests waiting for a message (long polls parked).", labels=labels)
-        waiting.add_metric(list(lines.listener_labels()), counts.listeners)
+                                    "Listeners waiting for a message: long polls parked, event streams "
+                                    "and WebSockets listening.", labels=labels)
+        for line, engine, transport, count in lines.listener_counts(counts.listeners):
+            waiting.add_metric([line, engine, transport], count)
         yield waiting
 
         yield GaugeMetricFamily("realplexor_channels", "Channels with listeners in this process.",

@@ -165,18 +165,29 @@ class Realplexor:
 
     def connection_counts(self) -> Iterator[tuple[str, str, str, int]]:
         """Open connections of each line this server runs: ``(line, engine, transport, count)``."""
-        for line, servers in (("wait", self.wait_servers), ("in", self.in_servers)):
-            totals: dict[tuple[str, str], int] = {}
-            for server in servers:
-                key = (server.engine, server.transport)
-                totals[key] = totals.get(key, 0) + server.open_connections
-            for (engine, transport), count in totals.items():
-                yield line, engine, transport, count
+        totals: dict[tuple[str, str, str], int] = {}
+        for server in self.wait_servers:
+            for transport, count in server.transport_counts().items():
+                key = ("wait", server.engine, transport)
+                totals[key] = totals.get(key, 0) + count
+        for server in self.in_servers:
+            key = ("in", server.engine, server.transport)
+            totals[key] = totals.get(key, 0) + server.open_connections
+        for (line, engine, transport), count in totals.items():
+            yield line, engine, transport, count
 
-    def listener_labels(self) -> tuple[str, str, str]:
-        """``(line, engine, transport)`` of the waiting listeners (gunicorn's WSGI worker, if it serves them)."""
+    def listener_counts(self, listeners: int) -> Iterator[tuple[str, str, str, int]]:
+        """The state's ``listeners`` waiting now, by ``(line, engine, transport, count)``:
+        streams with a round waiting, and long polls (gunicorn's WSGI worker's, if it serves them)."""
         engine = self.config.WAIT_ENGINE if self._serves_wait_line else "gunicorn"
-        return "wait", engine, "longpoll"
+        streams = {"eventsource": 0, "websocket": 0}
+        for server in self.wait_servers:
+            for stream in server.streams:
+                if stream.listening:
+                    streams[stream.transport] += 1
+        yield "wait", engine, "longpoll", max(0, listeners - sum(streams.values()))
+        for transport, count in streams.items():
+            yield "wait", engine, transport, count
 
     def _listeners(self, option: str, inherited: Listeners | None) -> list[tuple[str, int | None]]:
         configured = getattr(self.config, option)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from decimal import Decimal
+from typing import Iterable
 
 import simplejson
 from gevent.event import Event
@@ -146,6 +147,14 @@ def _cursors(ids: dict[str, str]) -> Cursors:
     return [(channel_id, Decimal(text), text) for channel_id, text in ids.items()]
 
 
+def transport_counts(polls: int, streams: Iterable["EventStream"]) -> dict[str, int]:
+    """Connections by transport: ``polls`` long-poll connections, and the streams by kind."""
+    counts = {"longpoll": polls, "eventsource": 0, "websocket": 0}
+    for stream in streams:
+        counts[stream.transport] += 1
+    return counts
+
+
 class _TurnEnd:
     """The streams with bytes to send, sent together when the loop's turn ends
     (one callback for them all): the messages published in one turn leave in
@@ -192,6 +201,9 @@ class _Round:
 class EventStream:
     """One event stream on a non-blocking socket; :meth:`run` serves it to the end."""
 
+    #: The name metrics give its kind of connection.
+    transport = "eventsource"
+
     def __init__(self, sock, state: ChannelState, config: Config,
                  cursors: dict[str, Decimal | None], texts: dict[str, str | None]):
         self._sock = sock
@@ -222,6 +234,11 @@ class EventStream:
         self._restart = False
         #: None while open; then why it closed.
         self.closed: str | None = None
+
+    @property
+    def listening(self) -> bool:
+        """Whether a round of it waits with the channel state now."""
+        return self._round is not None
 
     def wake(self) -> None:
         """Make the stream's greenlet look at its state."""

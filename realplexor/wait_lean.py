@@ -33,7 +33,7 @@ from .deadlines import Deadlines
 from .eventloop import (READ, Acceptor, Sweeper, close_connection, lend, linger, recv_or_gone, sendall_within,
                         take_back)
 from .protocol import ProtocolError
-from .streams import EventStream, cuts_or_none, render_cuts
+from .streams import EventStream, cuts_or_none, render_cuts, transport_counts
 from .websocket import open_stream
 from .wait import FIRST_BYTES, Reply, Subscription, WaitLine, error_reply, render_head, render_reply, wants_keep_alive
 
@@ -153,7 +153,6 @@ class LeanWaitServer:
     """Serves the WAIT line from event-loop callbacks; no greenlet per poll."""
 
     engine = "lean"
-    transport = "longpoll"
 
     def __init__(self, listener: socket.socket, line: WaitLine, state: ChannelState):
         self.line = line
@@ -175,6 +174,15 @@ class LeanWaitServer:
         # Event streams served, each by a greenlet holding its connection.
         self._streams: set[EventStream] = set()
         self._sweeper = Sweeper(self._sweep, SWEEP_INTERVAL, "lean WAIT engine")
+
+    @property
+    def streams(self) -> set[EventStream]:
+        """The event streams and WebSockets it serves now."""
+        return self._streams
+
+    def transport_counts(self) -> dict[str, int]:
+        """Open connections by transport (a stream's connection is handed over, not counted open)."""
+        return transport_counts(self.open_connections, self._streams)
 
     # -- life ----------------------------------------------------------------
 

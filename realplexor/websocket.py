@@ -68,6 +68,8 @@ def handshake_head(key: str, cors: tuple[tuple[str, str], ...]) -> bytes:
 class SocketStream(EventStream):
     """A WebSocket connection served as an event stream its client subscribes on."""
 
+    transport = "websocket"
+
     def __init__(self, sock, state: ChannelState, config: Config,
                  cursors: dict[str, Decimal | None], texts: dict[str, str | None]):
         super().__init__(sock, state, config, cursors, texts)

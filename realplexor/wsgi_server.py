@@ -23,6 +23,7 @@ from greenlet import greenlet
 from .clientlog import bad_request, escape, peer
 from .eventloop import ACCEPT_PAUSE, Starvation, linger, out_of_files, peer_closed
 from .protocol import ProtocolError
+from .streams import transport_counts
 from .wait import FIRST_BYTES, error_reply, render_reply
 from .wait_wsgi import LongPoll
 from .wsgi_deadlines import AnswerNotTaken, IdleTooLong, RequestTimedOut
@@ -410,13 +411,22 @@ class WaitServer(WSGIServer):
     """
 
     engine = "wsgi"
-    transport = "longpoll"
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("spawn", spawn_connection)
         super().__init__(*args, **kwargs)
         self._starvation: Starvation | None = None
         self.open_connections = 0
+
+    @property
+    def streams(self) -> set:
+        """The event streams and WebSockets its application serves now."""
+        return self.application.streams
+
+    def transport_counts(self) -> dict[str, int]:
+        """Open connections by transport (a stream's connection stays this server's, counted open)."""
+        streams = self.application.streams
+        return transport_counts(self.open_connections - len(streams), streams)
 
     @property
     def accepting(self) -> bool:

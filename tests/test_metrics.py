@@ -86,6 +86,28 @@ def test_metrics_count_what_the_server_did(server_factory, cid, engine):
         "realplexor_connections", line="wait", engine=engine, transport="longpoll") == 0)
 
 
+@pytest.mark.parametrize("engine", ["wsgi", "lean"])
+def test_event_streams_and_websockets_are_counted_apart_from_long_polls(server_factory, cid, engine):
+    from test_streams import Stream
+    from test_websocket import Client
+
+    server = server_factory(WAIT_ENGINE=engine, STREAM_TRANSPORTS=["eventsource", "websocket"])
+    poll = server.listen(f"{cid}a")
+    stream = Stream(server.wait_port, f"{cid}b")
+    socket_client = Client(server.wait_port, f"identifier={cid}c")
+    try:
+        assert stream.headers()[":status"] == 200
+        server.wait_until(lambda: len(server.online(cid)) == 3)
+        now = scrape(server)
+        for transport in ("longpoll", "eventsource", "websocket"):
+            assert now.value("realplexor_connections", line="wait", engine=engine, transport=transport) == 1
+            assert now.value("realplexor_waiting_listeners", line="wait", engine=engine, transport=transport) == 1
+    finally:
+        stream.close()
+        socket_client.close()
+        poll.close()
+
+
 def test_refusals_before_a_request_is_whole_are_counted(server_factory):
     server = server_factory(IN_MAXLEN=1000, IN_TIMEOUT=0.3)
     assert server.in_http("a", "[" + "1," * 600 + "1]").status == 413
