@@ -94,7 +94,47 @@ class WatchEvent:
     id: str
 
 
-class Realplexor:
+class _Endpoint:
+    """Where a client connects, and the namespace of the ids it sends (both clients')."""
+
+    def __init__(self, host: str, port: int, namespace: str, identifier: str, timeout: float,
+                 connect: Connect | None, ssl_context: _ssl.SSLContext | None):
+        self.host = host
+        self.port = int(port)
+        self.namespace = namespace or ""
+        self.identifier = identifier
+        self.timeout = timeout
+        self._connect = connect
+        self._ssl_context = ssl_context
+        if self.namespace and not _PREFIX_RE.match(self.namespace):
+            raise ValueError(f"invalid namespace {self.namespace!r}: use letters, digits and _ only")
+
+    def _channel_id(self, channel: str) -> str:
+        full = self.namespace + str(channel)
+        if not isinstance(channel, (str, int)) or not _ID_RE.match(full):
+            raise ValueError(f"invalid channel id {full!r}: use letters, digits and _ only")
+        return full
+
+    def _strip(self, channel: str) -> str:
+        if self.namespace and channel.startswith(self.namespace):
+            return channel[len(self.namespace):]
+        return channel
+
+    def _open(self) -> socket.socket:
+        """A connected socket with ``timeout`` set; TLS on port 443 or with ``ssl_context``."""
+        sock = (self._connect or socket.create_connection)((self.host, self.port), self.timeout)
+        sock.settimeout(self.timeout)
+        if self._ssl_context is not None or self.port == 443:
+            context = self._ssl_context or _ssl.create_default_context()
+            try:
+                sock = context.wrap_socket(sock, server_hostname=self.host)
+            except BaseException:
+                sock.close()
+                raise
+        return sock
+
+
+class Realplexor(_Endpoint):
     """Publishes to and queries one Realplexor server over its IN line.
 
     ``namespace`` is prepended to every id sent (targets, limiters,
@@ -107,16 +147,8 @@ class Realplexor:
     def __init__(self, host: str = "127.0.0.1", port: int = 10010, namespace: str = "",
                  identifier: str = "identifier", timeout: float = 30.0, *,
                  connect: Connect | None = None, ssl_context: _ssl.SSLContext | None = None):
-        self.host = host
-        self.port = int(port)
-        self.namespace = namespace or ""
-        self.identifier = identifier
-        self.timeout = timeout
-        self._connect = connect
-        self._ssl_context = ssl_context
+        super().__init__(host, port, namespace, identifier, timeout, connect, ssl_context)
         self._credentials = ""
-        if self.namespace and not _PREFIX_RE.match(self.namespace):
-            raise ValueError(f"invalid namespace {self.namespace!r}: use letters, digits and _ only")
 
     def logon(self, login: str, password: str) -> None:
         """Send the following requests as ``login`` of the server's USERS_FILE.
@@ -195,9 +227,6 @@ class Realplexor:
         """The server's human-readable state dump (not for logged-in clients)."""
         return self._request("", b"STATS\n")
 
-    def _channel_id(self, channel: str) -> str:
-        return _full_id(self.namespace, channel)
-
     def _prefixes(self, prefixes: str | Iterable[str] | None) -> list[str]:
         given = _as_list(prefixes)
         if self.namespace and not given:
@@ -210,9 +239,6 @@ class Realplexor:
             if full:
                 result.append(full)
         return result
-
-    def _strip(self, channel: str) -> str:
-        return _strip_namespace(self.namespace, channel)
 
     def _command_lines(self, command: str) -> list[str]:
         body = self._request("", (command + "\n").encode("ascii"))
@@ -242,9 +268,6 @@ class Realplexor:
             raise RealplexorError(f"request to Realplexor at {where} failed: {exc}") from exc
         return _reply_body(reply, where)
 
-    def _open(self) -> socket.socket:
-        return _open_connection(self.host, self.port, self.timeout, self._connect, self._ssl_context)
-
 
 @dataclass(frozen=True)
 class Part:
@@ -262,7 +285,7 @@ class Part:
     reset: bool = False
 
 
-class Listener:
+class Listener(_Endpoint):
     """Listens to channels on a Realplexor server's WAIT line, one long poll at a time.
 
     ``ids`` is an id, a list of ids, or a map of id to cursor (None: from
@@ -277,23 +300,15 @@ class Listener:
     def __init__(self, ids: Ids, host: str = "127.0.0.1", port: int = 8088, namespace: str = "",
                  identifier: str = "identifier", timeout: float = 30.0, *,
                  connect: Connect | None = None, ssl_context: _ssl.SSLContext | None = None):
-        self.host = host
-        self.port = int(port)
-        self.namespace = namespace or ""
-        self.identifier = identifier
-        self.timeout = timeout
-        self._connect = connect
-        self._ssl_context = ssl_context
-        if self.namespace and not _PREFIX_RE.match(self.namespace):
-            raise ValueError(f"invalid namespace {self.namespace!r}: use letters, digits and _ only")
+        super().__init__(host, port, namespace, identifier, timeout, connect, ssl_context)
         # Full channel id -> the cursor text to ask from (None: from now).
         self._cursors: dict[str, str | None] = {}
         if isinstance(ids, Mapping):
             for channel, cursor in ids.items():
-                self._cursors[_full_id(self.namespace, channel)] = None if cursor is None else _cursor_text(cursor)
+                self._cursors[self._channel_id(channel)] = None if cursor is None else _cursor_text(cursor)
         else:
             for channel in _as_list(ids):
-                self._cursors[_full_id(self.namespace, channel)] = None
+                self._cursors[self._channel_id(channel)] = None
         if not self._cursors:
             raise ValueError("no channel ids to listen to")
 
@@ -303,7 +318,7 @@ class Listener:
 
         Save it to resume later: ``Listener(listener.cursors, ...)``.
         """
-        return {_strip_namespace(self.namespace, channel): cursor for channel, cursor in self._cursors.items()}
+        return {self._strip(channel): cursor for channel, cursor in self._cursors.items()}
 
     def poll(self) -> list[Part]:
         """Wait for one answer: its parts, oldest first; [] when none came within ``timeout``.
@@ -323,7 +338,7 @@ class Listener:
             return []      # the server's WAIT_TIMEOUT passed first
         parts = _parse_parts(text, where)
         self._advance(parts, started)
-        return [Part({_strip_namespace(self.namespace, channel): cursor for channel, cursor in part["ids"].items()},
+        return [Part({self._strip(channel): cursor for channel, cursor in part["ids"].items()},
                      part.get("data"), part.get("reset") is True) for part in parts]
 
     def _poll_request(self, where: str) -> bytes:
@@ -343,7 +358,7 @@ class Listener:
         # HTTP/1.0: the server answers without chunks and closes when done.
         request = self._poll_request(where)
         try:
-            sock = _open_connection(self.host, self.port, self.timeout, self._connect, self._ssl_context)
+            sock = self._open()
         except OSError as exc:
             raise RealplexorError(f"cannot connect to Realplexor at {where}: {exc}") from exc
         deadline = time.monotonic() + self.timeout
@@ -385,40 +400,12 @@ class Listener:
                     self._cursors[channel] = newest
 
 
-def _open_connection(host: str, port: int, timeout: float, connect: Connect | None,
-                     ssl_context: _ssl.SSLContext | None) -> socket.socket:
-    """A connected socket with ``timeout`` set; TLS on port 443 or with ``ssl_context``."""
-    sock = (connect or socket.create_connection)((host, port), timeout)
-    sock.settimeout(timeout)
-    if ssl_context is not None or port == 443:
-        context = ssl_context or _ssl.create_default_context()
-        try:
-            sock = context.wrap_socket(sock, server_hostname=host)
-        except BaseException:
-            sock.close()
-            raise
-    return sock
-
-
 def _as_list(value: str | Iterable[str] | None) -> list[str]:
     if value is None:
         return []
     if isinstance(value, (str, int)):
         return [str(value)]
     return [str(v) for v in value]
-
-
-def _full_id(namespace: str, channel: str) -> str:
-    full = namespace + str(channel)
-    if not isinstance(channel, (str, int)) or not _ID_RE.match(full):
-        raise ValueError(f"invalid channel id {full!r}: use letters, digits and _ only")
-    return full
-
-
-def _strip_namespace(namespace: str, channel: str) -> str:
-    if namespace and channel.startswith(namespace):
-        return channel[len(namespace):]
-    return channel
 
 
 def _cursor_text(cursor: Cursor) -> str:
