@@ -215,11 +215,10 @@ class EventStream:
         self._wake = Event()
         self._backlog = bytearray()
         self._taken_at = self._written_at = time.monotonic()
-        # Bytes written wait for the end of the loop's turn, so that messages
-        # published in one turn leave in one send; "refused" once a send
-        # left some of the backlog unsent.
+        # A flooded stream's bytes wait for the end of the loop's turn, so that
+        # messages published in one turn leave in one send. (Bytes a send left
+        # unsent wait for the writer watcher instead: it is active then.)
         self._flush_due = False
-        self._refused = False
         self._written_in_turn = -2
         self._loop = None
         self._ticked = False
@@ -367,7 +366,7 @@ class EventStream:
             data = b"".join(events)
             if not data:
                 return
-        if self._refused and len(self._backlog) + len(data) > self._config.STREAM_MAX_BACKLOG:
+        if self._writer.active and len(self._backlog) + len(data) > self._config.STREAM_MAX_BACKLOG:
             self.close(f"more than STREAM_MAX_BACKLOG ({self._config.STREAM_MAX_BACKLOG} bytes) not taken")
             return
         self._write(data)
@@ -450,7 +449,7 @@ class EventStream:
                 return
             self._taken_at = now
         self._backlog += data
-        if not self._flush_due and not self._refused:
+        if not self._flush_due and not self._writer.active:
             self._flush_due = True
             _turn_end.add(self, self._loop)
 
@@ -466,7 +465,6 @@ class EventStream:
             return
         if sent < len(data):
             self._backlog += data[sent:]
-            self._refused = True
             if self.closed is None and not self._writer.active:
                 self._writer.start(self._flush)
 
@@ -489,7 +487,6 @@ class EventStream:
         if sent:
             del self._backlog[:sent]
             self._taken_at = time.monotonic()
-        self._refused = bool(self._backlog)
         if self._backlog and self.closed is None:
             if not self._writer.active:
                 self._writer.start(self._flush)
