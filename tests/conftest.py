@@ -5,6 +5,8 @@ instead of hanging the suite.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import queue
 import re
@@ -605,3 +607,69 @@ def redis_server():
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+# -- a stream served in this process ------------------------------------------------
+
+def wait_in_loop(done, timeout: float = TIMEOUT) -> None:
+    """Let gevent's loop run until ``done()`` is true; fail after ``timeout`` seconds."""
+    import gevent
+
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not done within {timeout} s")
+        gevent.sleep(0.001)
+
+
+@contextlib.contextmanager
+def stream_in_process(state, config, channels: list[str], stream_class=None, listeners: int = 1):
+    """A stream (an EventStream, or ``stream_class``) of ``channels`` from now, served
+    by a greenlet of this process on one end of a socketpair. Yields it and the
+    client's end (non-blocking) once ``state`` counts ``listeners`` waiting."""
+    import gevent
+
+    from realplexor.streams import EventStream
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    stream = (stream_class or EventStream)(ours, state, config, dict.fromkeys(channels), dict.fromkeys(channels))
+    runner = gevent.spawn(stream.run, b"")
+    try:
+        wait_in_loop(lambda: state.listener_count() >= listeners)
+        yield stream, theirs
+    finally:
+        stream.close("done")
+        runner.join(TIMEOUT)
+        ours.close()
+        theirs.close()
+
+
+def received_in_loop(sock: socket.socket, enough, settle: float = 0.0) -> bytes:
+    """What a non-blocking ``sock`` receives while gevent's loop runs, until
+    ``enough(received)``, and for ``settle`` seconds more."""
+    import gevent
+
+    received = bytearray()
+
+    def read() -> None:
+        try:
+            received.extend(sock.recv(65536))
+        except BlockingIOError:
+            pass
+
+    def done() -> bool:
+        read()
+        return enough(bytes(received))
+
+    wait_in_loop(done)
+    if settle:
+        gevent.sleep(settle)
+        read()
+    return bytes(received)
+
+
+def event_parts(received: bytes) -> list[dict]:
+    """The parts of an event stream's ``data:`` lines."""
+    return [json.loads(line[len(b"data: "):]) for line in received.splitlines() if line.startswith(b"data: ")]

@@ -6,13 +6,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from decimal import Decimal
 
 import pytest
 
-from conftest import ROOT, TIMEOUT, RedisServer, RunningServer, parse_response, spawn, wait_parts, \
-    write_config, write_users_file
+from conftest import ROOT, TIMEOUT, RedisServer, RunningServer, spawn, wait_parts, \
+    event_parts, received_in_loop, stream_in_process, write_config, write_users_file
 
 pytest.importorskip("redis")
 
@@ -294,8 +293,6 @@ def test_an_event_stream_on_one_process_hears_the_other_and_resumes_on_it(server
 def test_an_event_stream_that_comes_back_behind_the_shared_queue_is_told_of_the_cut(redis_server, cid):
     """Five publishes while the stream's greenlet is held up after the first, with
     room for two in Redis: it gets the first, then a cut up to the third, then the last two."""
-    import socket
-
     import gevent
 
     from realplexor.config import validate
@@ -317,31 +314,13 @@ def test_an_event_stream_that_comes_back_behind_the_shared_queue_is_told_of_the_
     config = validate({"MAX_DATA_FOR_ID": 2})
     state = RedisChannels(channel_settings(config), redis_server.url)
     state.start()
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.setblocking(False)
     channel = f"{cid}a"
-    stream = HeldUp(ours, state, config, {channel: None}, {channel: None})
-    runner = gevent.spawn(stream.run, b"")
-    received = b""
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while state.listener_count() == 0 and time.monotonic() < deadline:
-            gevent.sleep(0.01)
-        cursors = [state.publish([(channel, None, None)], b"%d" % n)[0][1] for n in range(1, 6)]
-        while received.count(b"\n\n") < 4 and time.monotonic() < deadline:
-            gevent.sleep(0.01)
-            try:
-                received += theirs.recv(65536)
-            except BlockingIOError:
-                pass
+        with stream_in_process(state, config, [channel], HeldUp) as (_, theirs):
+            cursors = [state.publish([(channel, None, None)], b"%d" % n)[0][1] for n in range(1, 6)]
+            parts = event_parts(received_in_loop(theirs, lambda got: got.count(b"\n\n") >= 4))
     finally:
-        stream.close("done")
-        runner.join(TIMEOUT)
         state.stop()
-        ours.close()
-        theirs.close()
-    parts = [json.loads(line[len(b"data: "):]) for line in received.splitlines() if line.startswith(b"data: ")]
     assert parts == [{"ids": {channel: cursors[0]}, "data": 1},
                      {"ids": {channel: cursors[2]}, "reset": True},
                      {"ids": {channel: cursors[3]}, "data": 4},

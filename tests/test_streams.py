@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from decimal import Decimal
 
 import gevent
@@ -14,7 +13,8 @@ from realplexor.config import validate
 from realplexor.server import channel_settings
 from realplexor.streams import EventStream, parse_parts
 
-from conftest import TIMEOUT, parse_response, read_to_eof, start_server, write_config
+from conftest import TIMEOUT, event_parts, parse_response, read_to_eof, received_in_loop, start_server, \
+    stream_in_process, wait_in_loop, write_config
 
 ENGINES = ["wsgi", "lean"]
 
@@ -269,33 +269,10 @@ class SharedLikeChannels(MemoryChannels):
 def burst_into_one_stream(state: MemoryChannels, config) -> tuple[list[dict], list[str]]:
     """Five publishes with no yield between them to a stream of channel ``a``:
     the parts the stream sent, and the five cursors."""
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.setblocking(False)
-    stream = EventStream(ours, state, config, {"a": None}, {"a": None})
-    runner = gevent.spawn(stream.run, b"")
-    deadline = time.monotonic() + TIMEOUT
-    while state.listener_count() == 0 and time.monotonic() < deadline:
-        gevent.sleep(0.001)
-    cursors = [state.publish([("a", None, None)], b"%d" % n)[0][1] for n in range(1, 6)]
-    received = b""
-    while received.count(b"\n\n") < 4 and time.monotonic() < deadline:
-        gevent.sleep(0.005)
-        try:
-            received += theirs.recv(65536)
-        except BlockingIOError:
-            pass
-    gevent.sleep(0.05)
-    try:
-        received += theirs.recv(65536)
-    except BlockingIOError:
-        pass
-    stream.close("done")
-    runner.join(TIMEOUT)
-    ours.close()
-    theirs.close()
-    parts = [json.loads(line[len(b"data: "):]) for line in received.splitlines() if line.startswith(b"data: ")]
-    return parts, cursors
+    with stream_in_process(state, config, ["a"]) as (_, theirs):
+        cursors = [state.publish([("a", None, None)], b"%d" % n)[0][1] for n in range(1, 6)]
+        received = received_in_loop(theirs, lambda got: got.count(b"\n\n") >= 4, settle=0.05)
+    return event_parts(received), cursors
 
 
 def test_a_stream_takes_every_publish_of_a_burst_as_it_comes():
@@ -309,18 +286,10 @@ def test_a_lone_message_is_on_the_wire_when_its_publish_returns_and_a_burst_by_t
     publishes in the same turn of the loop are there when it ends."""
     config = validate({})
     state = MemoryChannels(channel_settings(config))
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.settimeout(TIMEOUT)
-    stream = EventStream(ours, state, config, {"a": None}, {"a": None})
-    runner = gevent.spawn(stream.run, b"")
-    deadline = time.monotonic() + TIMEOUT
-    while state.listener_count() == 0 and time.monotonic() < deadline:
-        gevent.sleep(0.001)
-    quiet_since = gevent.get_hub().loop.iteration
-    while gevent.get_hub().loop.iteration < quiet_since + 3 and time.monotonic() < deadline:
-        gevent.sleep(0.001)     # a few turns with nothing written: the stream is quiet
-    try:
+    with stream_in_process(state, config, ["a"]) as (_, theirs):
+        quiet_since = gevent.get_hub().loop.iteration
+        # A few turns with nothing written: the stream is quiet.
+        wait_in_loop(lambda: gevent.get_hub().loop.iteration >= quiet_since + 3)
         state.publish([("a", None, None)], b'"lone"')
         assert b'"data":"lone"' in theirs.recv(65536)     # no yield to the loop since the publish
         state.publish([("a", None, None)], b'"second"')
@@ -328,11 +297,6 @@ def test_a_lone_message_is_on_the_wire_when_its_publish_returns_and_a_burst_by_t
         gevent.sleep(0)
         burst = theirs.recv(65536)
         assert b'"data":"second"' in burst and b'"data":"third"' in burst
-    finally:
-        stream.close("done")
-        runner.join(TIMEOUT)
-        ours.close()
-        theirs.close()
 
 
 def test_a_stream_outrun_by_publishes_is_told_of_what_left_the_queue_meanwhile():
@@ -356,33 +320,20 @@ def test_parts_keep_their_text_and_lose_only_line_breaks():
     assert parse_parts(b"[]") == []
 
 
+class FaultyStream(EventStream):
+    """A stream with a fault in taking its answers."""
+
+    def _take(self, body, done):
+        raise RuntimeError("a fault of this stream")
+
+
 def test_a_stream_that_fails_on_delivery_is_closed_and_nobody_else_notices(caplog):
     config = validate({})
     state = MemoryChannels(channel_settings(config))
-    pairs = [socket.socketpair() for _ in range(2)]
-    for ours, theirs in pairs:
-        ours.setblocking(False)
-        theirs.settimeout(TIMEOUT)
-    broken, sound = (EventStream(ours, state, config, {"a": None}, {"a": None}) for ours, _ in pairs)
-
-    def fault(*_args):
-        raise RuntimeError("a fault of this stream")
-
-    broken._take = fault
-    runners = [gevent.spawn(stream.run, b"") for stream in (broken, sound)]
-    deadline = time.monotonic() + TIMEOUT
-    while state.listener_count() < 2 and time.monotonic() < deadline:
-        gevent.sleep(0.001)
-    try:
+    with stream_in_process(state, config, ["a"], FaultyStream) as (broken, _), \
+            stream_in_process(state, config, ["a"], listeners=2) as (sound, theirs):
         assert state.publish([("a", None, None)], b'"hello"')
-        gevent.sleep(0.01)
-        assert b'"data":"hello"' in pairs[1][1].recv(65536)
-        gevent.joinall(runners[:1], timeout=TIMEOUT)
+        assert b'"data":"hello"' in received_in_loop(theirs, lambda got: b"\n\n" in got)
+        wait_in_loop(lambda: broken.closed is not None)
         assert broken.closed == "server error" and sound.closed is None
         assert "event stream failed" in caplog.text
-    finally:
-        sound.close("done")
-        gevent.joinall(runners, timeout=TIMEOUT)
-        for ours, theirs in pairs:
-            ours.close()
-            theirs.close()

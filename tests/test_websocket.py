@@ -10,7 +10,7 @@ import pytest
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
-from conftest import TIMEOUT, parse_response
+from conftest import TIMEOUT, parse_response, received_in_loop, stream_in_process
 
 ENGINES = ["wsgi", "lean"]
 
@@ -203,8 +203,6 @@ def test_a_slow_reader_is_closed_past_its_backlog_and_resumes_by_cursor(server_f
 def test_a_publish_racing_an_unsubscribe_is_not_sent_and_the_channel_stays_left():
     """An unsubscribe read, then a publish to that channel before the socket's
     greenlet runs again: the message is not sent, and later ones neither."""
-    import time
-
     import gevent
 
     from realplexor.channels import MemoryChannels
@@ -214,33 +212,13 @@ def test_a_publish_racing_an_unsubscribe_is_not_sent_and_the_channel_stays_left(
 
     config = validate({})
     state = MemoryChannels(channel_settings(config))
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.setblocking(False)
-    stream = SocketStream(ours, state, config, {"a": None, "b": None}, {"a": None, "b": None})
-    runner = gevent.spawn(stream.run, b"")
-    deadline = time.monotonic() + TIMEOUT
-    while state.listener_count() == 0 and time.monotonic() < deadline:
-        gevent.sleep(0.001)
     client = Connection(ConnectionType.CLIENT)
-    received = []
-    try:
+    with stream_in_process(state, config, ["a", "b"], SocketStream) as (stream, theirs):
         stream._command('{"unsubscribe": ["b"]}')      # as its reader does with such a message
         state.publish([("b", None, None)], b'"raced"')
         gevent.sleep(0.05)
         state.publish([("b", None, None)], b'"later"')
         state.publish([("a", None, None)], b'"on a"')
-        while not received and time.monotonic() < deadline:
-            gevent.sleep(0.01)
-            try:
-                client.receive_data(theirs.recv(65536))
-            except BlockingIOError:
-                continue
-            received += [json.loads(event.data)["data"] for event in client.events()
-                         if isinstance(event, TextMessage)]
-    finally:
-        stream.close("done")
-        runner.join(TIMEOUT)
-        ours.close()
-        theirs.close()
+        client.receive_data(received_in_loop(theirs, lambda got: b"on a" in got))
+    received = [json.loads(event.data)["data"] for event in client.events() if isinstance(event, TextMessage)]
     assert received == ["on a"]
